@@ -1,0 +1,103 @@
+"""Layers of Config E (paper steps D+E): magnitude-preserving learned layers with forced weight
+normalisation; fixed-function layers and group norms as in Config C."""
+
+import numpy as np
+import torch
+
+from tools.layers import CLIP_ACT, cosine_attention, group_norm, resample
+from tools.mp import normalize
+
+#----------------------------------------------------------------------------
+# Noise-level embedding.
+
+class Fourier(torch.nn.Module):
+    """Fourier features cos(2 pi (f x + phi)), RMS 1/sqrt(2)."""
+
+    def __init__(self, num_channels, bandwidth=1):
+        super().__init__()
+        self.register_buffer("freqs", 2 * np.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
+
+    def forward(self, x):
+        y = x.to(torch.float32).ger(self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
+        return torch.cos(y).to(x.dtype)
+
+#----------------------------------------------------------------------------
+# Learned layer: convolution, or fully connected when kernel == ().
+
+class Conv(torch.nn.Module):
+    """Magnitude-preserving convolution with forced weight normalisation (paper steps D+E).
+
+    The stored weight is kept at unit-RMS rows by `renormalize_()` (tools.mp.force_weight_norm_);
+    the forward pass normalises again in the graph, which matters at inference where EMA weights
+    are not unit norm, and scales by gain / sqrt(fan_in) so unit-RMS inputs give unit-RMS outputs.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel=()):
+        super().__init__()
+        self.out_channels = out_channels
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+
+    @torch.no_grad()
+    def renormalize_(self):
+        self.weight.copy_(normalize(self.weight.to(torch.float32)))
+
+    def forward(self, x, gain=1):
+        w = normalize(self.weight.to(torch.float32))
+        w = w * (gain / np.sqrt(w[0].numel()))
+        w = w.to(x.dtype)
+        if w.ndim == 2:
+            return x @ w.t()
+        return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+
+#----------------------------------------------------------------------------
+# Residual block with optional self-attention, shared by the encoder ('enc') and decoder ('dec').
+
+class Block(torch.nn.Module):
+    def __init__(self,
+        in_channels,                # Number of input channels.
+        out_channels,               # Number of output channels.
+        emb_channels,               # Number of embedding channels.
+        flavor          = "enc",    # 'enc' or 'dec'.
+        resample_mode   = "keep",   # 'keep', 'up' or 'down'.
+        attention       = False,    # Include self-attention?
+        channels_per_head = 64,     # Channels per attention head.
+        dropout         = 0,        # Dropout probability.
+    ):
+        super().__init__()
+        self.out_channels = out_channels
+        self.flavor = flavor
+        self.resample_mode = resample_mode
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.dropout = dropout
+        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.conv_res0 = Conv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=(3, 3))
+        self.emb_linear = Conv(emb_channels, out_channels)
+        self.conv_res1 = Conv(out_channels, out_channels, kernel=(3, 3))
+        self.conv_skip = Conv(in_channels, out_channels, kernel=(1, 1)) if in_channels != out_channels else None
+        self.attn_qkv = Conv(out_channels, out_channels * 3, kernel=(1, 1)) if self.num_heads else None
+        self.attn_proj = Conv(out_channels, out_channels, kernel=(1, 1)) if self.num_heads else None
+
+    def forward(self, x, emb):
+        # Main branch.
+        x = resample(x, mode=self.resample_mode)
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+        # Residual branch.
+        y = self.conv_res0(torch.nn.functional.silu(group_norm(x)))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = torch.nn.functional.silu(group_norm(y) * c[:, :, None, None].to(y.dtype))
+        if self.training and self.dropout != 0:
+            y = torch.nn.functional.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+        # Connect the branches.
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = (x + y) / np.sqrt(2)
+        # Self-attention.
+        if self.num_heads != 0:
+            y = cosine_attention(self.attn_qkv(group_norm(x)), self.num_heads)
+            y = self.attn_proj(y)
+            x = (x + y) / np.sqrt(2)
+        return x.clamp(-CLIP_ACT, CLIP_ACT)

@@ -1,0 +1,1 @@
+"""Shared machinery: everything the per-config network files and the entry scripts have in common."""

@@ -1,0 +1,220 @@
+"""YAML configs: defaults, validation, `section.key=value` overrides, and building the network.
+
+A config has a top-level `unet` (the network file, e.g. unetE.py) and the sections below. Every key
+is checked against DEFAULTS (or, for `network`, against the UNet constructor's signature), so a typo
+or a wrong type stops the run before anything is built.
+"""
+
+import copy
+import importlib
+import inspect
+import math
+import os
+import sys
+
+import yaml
+
+from tools.cli import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("data", "network", "diffusion", "train", "ema", "sample", "probe")
+
+DEFAULTS = {
+    "unet": "unetE.py",                 # Network file at the repository's top level: unetC.py, unetE.py, unetG.py.
+    "data": {
+        "dataset": "digits",            # digits | cifar10 | cifar100 | tinyimagenet | folder
+        "root": "./data",               # Where real datasets live (nothing is downloaded).
+        "xflip": False,                 # Random horizontal flips during training.
+        "use_labels": False,            # Feed class labels to the network (needs network.label_dim).
+    },
+    "network": None,                    # Keys and defaults: the UNet constructor of the chosen file.
+    "diffusion": {
+        "sigma_data": 0.5,              # Std of the data (images in [-1, 1]).
+        "P_mean": -1.2,                 # Mean of ln(sigma) during training.
+        "P_std": 1.2,                   # Std of ln(sigma) during training.
+        "loss_weighting": "uncertainty",  # uncertainty (learned, EDM2 eq. 21) | scaled (plain EDM).
+        "logvar_channels": 128,         # Fourier features of the uncertainty head u(sigma).
+    },
+    "train": {
+        "outdir": "runs/default",       # Run directory: checkpoints/, snapshots/, logs, samples.
+        "seed": 0,                      # Seeds weights, data order, noise levels and noise.
+        "epochs": 2000,                 # Training length in passes over the dataset.
+        "batch_size": 512,              # Global batch, summed over ranks.
+        "batch_gpu": 0,                 # Per-rank micro-batch; 0 = the whole per-rank batch (no accumulation).
+        "lr": 2e-2,                     # Reference learning rate.
+        "lr_rampup_epochs": 200.0,      # Linear warm-up length.
+        "lr_ref_epochs": 400.0,         # t_ref of the inverse-sqrt decay; 0 = constant after warm-up.
+        "betas": [0.9, 0.99],           # Adam betas (EDM2: beta2 = 0.99).
+        "eps": 1e-8,                    # Adam eps.
+        "precision": "bf16",            # bf16 | fp16 | fp32 autocast on GPU (CPU always runs fp32).
+        "compile": False,               # torch.compile the network.
+        "checkpoint_epochs": 50,        # Checkpoint cadence (and at the end).
+        "keep_checkpoints": 3,          # Checkpoints kept on disk (newest); 0 = all.
+        "grid_epochs": 50,              # Cadence of the EMA sample grid in TensorBoard; 0 = never.
+        "log_steps": 50,                # TensorBoard scalar cadence in optimizer steps.
+        "max_nonfinite_steps": 100,     # Stop when the loss is non-finite this many steps in a row.
+        "label_dropout": 0.0,           # Probability of dropping the class label (for classifier-free guidance).
+    },
+    "ema": {
+        "classic_halflife_kimg": 500.0, # Classic EMA (ema-pytorch) half-life in thousands of images.
+        "classic_rampup_ratio": 0.05,   # Warm-up: half-life <= ratio * images seen; 0 = no warm-up.
+        "sigma_rels": [0.05, 0.10],     # Power-function EMAs tracked during training (EDM2 section 3).
+        "snapshot_epochs": 20,          # Cadence of power-function EMA snapshots for post-hoc reconstruction.
+        "snapshot_dtype": "float32",    # float32 | float16 | bfloat16.
+    },
+    "sample": {
+        "sampler": "heun",              # heun | euler | dpmpp2m
+        "steps": 18,                    # Number of noise levels (heun: 2*steps - 1 evaluations).
+        "sigma_min": 0.002,
+        "sigma_max": 80.0,
+        "rho": 7.0,
+        "S_churn": 0.0,                 # Stochasticity (EDM Alg. 2); 0 = deterministic.
+        "S_min": 0.0,
+        "S_max": math.inf,
+        "S_noise": 1.0,
+        "batch": 256,                   # Images per rank per forward.
+        "num_images": 50000,            # Images for FID (seeds 0 .. num_images - 1).
+        "ema": "classic",               # classic | online | sigma_rel=X
+    },
+    "probe": {
+        "block": "",                    # Decoder block whose pooled activations are the features ('' = second-lowest-res. block1).
+        "sigma": 0.06,                  # Noise level at which features are taken.
+        "C_grid": [0.01, 0.1, 1.0, 10.0],  # Inverse regularisation strengths tried on the held-out split.
+        "holdout": 0.1,                 # Fraction of the training split held out for selection.
+        "xflip": False,                 # Add flipped training images' features.
+        "batch": 256,
+    },
+}
+
+CHOICES = {
+    ("data", "dataset"): ("digits", "cifar10", "cifar100", "tinyimagenet", "folder"),
+    ("diffusion", "loss_weighting"): ("uncertainty", "scaled"),
+    ("train", "precision"): ("bf16", "fp16", "fp32"),
+    ("ema", "snapshot_dtype"): ("float32", "float16", "bfloat16"),
+    ("sample", "sampler"): ("heun", "euler", "dpmpp2m"),
+}
+
+
+def _type_name(v):
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(type(v), type(v).__name__)
+
+
+def _check_value(where, value, default):
+    """Raise UserError unless `value` has the type of `default` (ints pass for floats, lists for tuples)."""
+    if default is None:
+        return value
+    if isinstance(default, tuple):
+        default = list(default)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise UserError(f"{where} must be {_type_name(default)}, got {value!r}")
+    return value
+
+
+def network_defaults(unet_file):
+    """The `network` keys a network file accepts, with their defaults (None where there is none)."""
+    params = inspect.signature(load_unet_class(unet_file).__init__).parameters
+    return {k: (None if p.default is inspect.Parameter.empty else p.default) for k, p in params.items() if k != "self"}
+
+
+def load_unet_class(unet_file):
+    path = os.path.join(ROOT, unet_file)
+    if not unet_file.endswith(".py") or os.path.dirname(unet_file) or not os.path.isfile(path):
+        allowed = ", ".join(sorted(f for f in os.listdir(ROOT) if f.startswith("unet") and f.endswith(".py")))
+        raise UserError(f"unet: network file {unet_file!r} does not exist; allowed: {allowed}")
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    return importlib.import_module(unet_file[:-3]).UNet
+
+
+def _merge(cfg, overrides):
+    """Apply `section.key=value` strings; values are parsed as YAML (2, 1e-3, true, [1, 2])."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"override {item!r} must look like section.key=value, e.g. train.epochs=2")
+        key, text = item.split("=", 1)
+        section, name = key.split(".", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        if section not in SECTIONS:
+            raise UserError(f"override {key}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+        cfg.setdefault(section, {})
+        if not isinstance(cfg[section], dict):
+            raise UserError(f"section {section!r} must be a mapping")
+        cfg[section][name] = value
+    return cfg
+
+
+def validate(raw):
+    """Fill in defaults and check every key and type; returns the resolved config."""
+    if not isinstance(raw, dict):
+        raise UserError("a config must be a YAML mapping of sections")
+    cfg = {"unet": raw.get("unet", DEFAULTS["unet"])}
+    if not isinstance(cfg["unet"], str):
+        raise UserError(f"unet must be a string such as unetE.py, got {cfg['unet']!r}")
+    for key in raw:
+        if key != "unet" and key not in SECTIONS:
+            raise UserError(f"unknown top-level key {key!r}; allowed: unet, {', '.join(SECTIONS)}")
+    for section in SECTIONS:
+        defaults = network_defaults(cfg["unet"]) if section == "network" else DEFAULTS[section]
+        given = raw.get(section) or {}
+        if not isinstance(given, dict):
+            raise UserError(f"section {section!r} must be a mapping of keys to values")
+        out = copy.deepcopy(defaults)
+        for key, value in given.items():
+            if key not in defaults:
+                raise UserError(f"unknown key {section}.{key}; allowed: {', '.join(defaults)}")
+            choices = CHOICES.get((section, key))
+            if choices and value not in choices:
+                raise UserError(f"{section}.{key} must be one of {', '.join(choices)}, got {value!r}")
+            out[key] = _check_value(f"{section}.{key}", value, defaults[key])
+        if section == "network":
+            missing = [k for k, v in out.items() if v is None and k in ("img_resolution", "img_channels")]
+            if missing:
+                raise UserError(f"network.{missing[0]} is required")
+            out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        cfg[section] = out
+    return cfg
+
+
+def load_config(path, overrides=()):
+    """Read a YAML config, apply overrides, validate. Raises UserError with one readable line."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file {path!r} not found") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return validate(_merge(raw, overrides))
+
+
+def build_network(cfg):
+    """UNet(**cfg['network']) from the config's network file."""
+    return load_unet_class(cfg["unet"])(**cfg["network"])
+
+
+def build_edm(cfg):
+    """The trainable model: network wrapped in EDM preconditioning, plus the loss head."""
+    from tools.edm import EDM
+    d = cfg["diffusion"]
+    return EDM(build_network(cfg), d["sigma_data"], d["P_mean"], d["P_std"], d["loss_weighting"], d["logvar_channels"])
+
+
+def dump(cfg):
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,41 @@
+"""Fixed layers that every config shares unchanged, so the block files differ only in the paper's steps."""
+
+import torch
+import torch.nn.functional as F
+
+from tools.mp import normalize
+
+CLIP_ACT = 256  # Activations are clamped to [-CLIP_ACT, CLIP_ACT] after each block (fp16 safeguard).
+
+
+def resample(x, mode="keep"):
+    """2x box-filter downsampling ('down'), 2x nearest upsampling ('up'), or identity ('keep')."""
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    return x
+
+
+def cosine_attention(qkv, num_heads):
+    """Self-attention over pixels with q, k and v each normalised to unit RMS per head (cosine
+    attention, EDM2 Config C), logits q.k / sqrt(c). qkv: [N, 3*C, H, W] -> [N, C, H, W].
+
+    Runs through scaled_dot_product_attention, which dispatches to a fused kernel on GPU.
+    """
+    N, C3, H, W = qkv.shape
+    C = C3 // 3
+    qkv = qkv.reshape(N, num_heads, C // num_heads, 3, H * W)
+    q, k, v = normalize(qkv, dim=2).unbind(3)                     # each [N, heads, c, HW]
+    q, k, v = (t.transpose(2, 3) for t in (q, k, v))              # each [N, heads, HW, c]
+    y = F.scaled_dot_product_attention(q, k, v)                   # scale 1/sqrt(c) by default
+    return y.transpose(2, 3).reshape(N, C, H, W)
+
+
+def group_norm(x, num_groups=32, min_channels_per_group=4):
+    """Group normalisation without mean subtraction or learned scale (EDM2 Config C); removed in F."""
+    N, C, H, W = x.shape
+    groups = max(1, min(num_groups, C // min_channels_per_group))
+    while C % groups:
+        groups -= 1
+    return normalize(x.reshape(N, groups, -1, H, W), dim=(2, 3, 4)).reshape(N, C, H, W)

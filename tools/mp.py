@@ -1,0 +1,54 @@
+"""Magnitude-preserving primitives (EDM2, Karras et al. 2024, sections 2.3 and 3; brief section 2).
+
+Each function keeps the expected RMS of unit-RMS, uncorrelated inputs at 1.
+"""
+
+import numpy as np
+import torch
+
+
+def normalize(x, dim=None, eps=1e-4):
+    """Scale every slice of x along `dim` to unit RMS: x / (eps + ||x|| * sqrt(n_slice / n_total)).
+
+    dim=None normalises each slice along dim 0 (an output channel of a weight, a sample of a batch).
+    The norm is taken in float32 so that bf16/fp16 activations do not overflow or lose precision.
+    """
+    if dim is None:
+        dim = list(range(1, x.ndim))
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = torch.add(eps, norm, alpha=np.sqrt(norm.numel() / x.numel()))
+    return x / norm.to(x.dtype)
+
+
+def mp_silu(x):
+    """SiLU divided by its RMS on a unit Gaussian, E[silu(z)^2]^(1/2) = 0.596 (EDM2 eq. 81)."""
+    return torch.nn.functional.silu(x) / 0.596
+
+
+def mp_sum(a, b, t=0.5):
+    """Blend a and b with weight t on b, rescaled to unit RMS: ((1-t) a + t b) / sqrt((1-t)^2 + t^2)."""
+    return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, dim=1, t=0.5):
+    """Concatenate a and b along `dim` so that b contributes a fraction t of the output's energy
+    and the result has unit RMS (EDM2 eq. 103)."""
+    Na, Nb = a.shape[dim], b.shape[dim]
+    C = np.sqrt((Na + Nb) / ((1 - t) ** 2 + t ** 2))
+    wa = C / np.sqrt(Na) * (1 - t)
+    wb = C / np.sqrt(Nb) * t
+    return torch.cat([wa * a, wb * b], dim=dim)
+
+
+@torch.no_grad()
+def force_weight_norm_(module):
+    """Forced weight normalisation (EDM2 section 2.4, Config E): rescale every weight that asks for it
+    back to unit-RMS rows, in place and outside the autograd graph.
+
+    The training loop calls this once before training and after every optimizer step, so the forward
+    pass itself stays free of in-place parameter writes (safe under DDP, autocast and torch.compile).
+    Layers opt in by defining `renormalize_()`; Config C layers do not, so this is a no-op there.
+    """
+    for m in module.modules():
+        if hasattr(m, "renormalize_"):
+            m.renormalize_()
