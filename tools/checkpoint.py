@@ -1,0 +1,122 @@
+"""Checkpoints: written atomically, loaded with weights_only=True, corrupt files skipped with a warning."""
+
+import errno
+import glob
+import os
+import re
+import sys
+
+import torch
+
+from tools.cli import UserError
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash or a full disk leaves the previous file intact; the partial file is removed.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing {path}; earlier files are intact, free space and run again") from None
+        raise UserError(f"could not write {path}: {e.strerror}") from None
+
+
+def load(path):
+    """torch.load without executing code; a corrupt or truncated file raises UserError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} not found") from None
+    except Exception as e:  # truncated zip, pickle error, unexpected types: all mean "not a usable checkpoint"
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to fall back to an earlier one") from None
+
+
+def checkpoint_path(outdir, epoch):
+    return os.path.join(outdir, "checkpoints", f"epoch_{epoch}.pt")
+
+
+def list_checkpoints(outdir):
+    """[(epoch, path)] sorted by epoch."""
+    found = []
+    for p in glob.glob(os.path.join(outdir, "checkpoints", "epoch_*.pt")):
+        m = re.fullmatch(r"epoch_(\d+)\.pt", os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def load_newest(outdir, required=("net",)):
+    """The newest checkpoint that loads and has the required keys, or None; corrupt ones are reported and skipped."""
+    for epoch, path in reversed(list_checkpoints(outdir)):
+        try:
+            ckpt = load(path)
+        except UserError as e:
+            print(f"warning: {e}", file=sys.stderr)
+            continue
+        if isinstance(ckpt, dict) and all(k in ckpt for k in required):
+            return ckpt
+        print(f"warning: checkpoint {path} lacks {', '.join(required)}; skipped", file=sys.stderr)
+    return None
+
+
+def load_epoch(outdir, epoch=None, required=("net",)):
+    """Checkpoint of a given epoch (None = newest valid); UserError with what exists when it is missing."""
+    if epoch is None:
+        ckpt = load_newest(outdir, required)
+        if ckpt is None:
+            raise UserError(f"no usable checkpoint in {os.path.join(outdir, 'checkpoints')}; train first or pass --outdir")
+        return ckpt
+    available = dict(list_checkpoints(outdir))
+    if epoch not in available:
+        have = ", ".join(str(e) for e in sorted(available)) or "none"
+        raise UserError(f"no checkpoint for epoch {epoch} in {os.path.join(outdir, 'checkpoints')} (available: {have})")
+    ckpt = load(available[epoch])
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {available[epoch]} lacks {', '.join(missing)}")
+    return ckpt
+
+
+def parse_ema(ema):
+    """'classic' | 'online' | 'sigma_rel=X' -> ('classic'|'online'|'posthoc', X or None)."""
+    if ema in ("classic", "online"):
+        return ema, None
+    if ema.startswith("sigma_rel="):
+        try:
+            return "posthoc", float(ema.split("=", 1)[1])
+        except ValueError:
+            pass
+    raise UserError(f"--ema must be classic, online or sigma_rel=X (e.g. sigma_rel=0.075), got {ema!r}")
+
+
+def load_net(cfg, outdir, epoch=None, ema="classic", device="cpu"):
+    """The network of a run in eval mode, with the chosen weights: the classic EMA, the online (raw)
+    weights, or a post-hoc EMA reconstruction at the checkpoint's time. Returns (net, info dict)."""
+    from tools.config import build_network
+    kind, sigma_rel = parse_ema(ema)
+    ckpt = load_epoch(outdir, epoch, required=("net", "emas", "t_img", "epoch"))
+    if kind == "classic":
+        state = ckpt["emas"]["classic"]
+    elif kind == "online":
+        state = ckpt["net"]
+    else:
+        from tools.posthoc import reconstruct
+        state, _ = reconstruct(os.path.join(outdir, "snapshots"), sigma_rel, t_out=ckpt["t_img"])
+    net = build_network(cfg)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"the weights in {outdir} do not fit the network of this config ({cfg['unet']}); pass the run's own config") from None
+    info = dict(epoch=ckpt["epoch"], t_img=ckpt["t_img"], ema=ema)
+    return net.to(device).eval().requires_grad_(False), info
