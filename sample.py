@@ -1,0 +1,147 @@
+"""Generate images from a trained run, one PNG per seed, spread over ranks; optionally score them.
+
+    torchrun --nproc_per_node=N sample.py --config config/cifar10/E.yaml --epoch 1999 [--fid REF.npz]
+    python sample.py --config config/digits/E.yaml --outdir runs/demo/E --seeds 0-999
+
+Image k depends only on seed k and the weights (one generator per seed), not on the rank count or
+batch size. Interrupted runs continue where they stopped: existing PNGs are kept.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tools import dist
+from tools.cli import UserError, run_main
+from tools.config import load_config
+from tools.data import to_uint8
+from tools.edm import Denoiser
+from tools.sampler import SAMPLERS, SeedNoise, sample
+
+STOCHASTIC = ("S_churn", "S_min", "S_max", "S_noise")
+
+
+def parse_seeds(text):
+    """'0-49999' or '0,3,10-19' -> sorted unique list of ints."""
+    seeds = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            seeds.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--seeds must look like 0-49999 or 0,5,10-19, got {text!r}") from None
+    return sorted(seeds)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the run's YAML config")
+    p.add_argument("--outdir", help="the run directory (default: train.outdir of the config)")
+    p.add_argument("--epoch", type=int, help="checkpoint epoch (default: the newest)")
+    p.add_argument("--ema", help="classic | online | sigma_rel=X (default: sample.ema of the config)")
+    p.add_argument("--seeds", help="e.g. 0-49999 (default: 0 .. sample.num_images - 1)")
+    p.add_argument("--steps", type=int, help="noise levels (heun: 2*steps - 1 network evaluations)")
+    p.add_argument("--sampler", choices=SAMPLERS)
+    for k in STOCHASTIC:
+        p.add_argument(f"--{k}", type=float)
+    p.add_argument("--batch", type=int, help="images per rank per forward")
+    p.add_argument("--out", help="output folder (default: OUTDIR/samples/epoch_<N>-<ema>-<sampler><steps>)")
+    p.add_argument("--fid", metavar="REF.npz", help="score the samples against these reference statistics")
+    p.add_argument("--inception-weights", help="local pt_inception-2015-12-05 weights (or set FID_INCEPTION_WEIGHTS)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p.parse_args()
+
+
+def image_path(out, seed):
+    return os.path.join(out, f"{seed - seed % 1000:06d}", f"{seed:06d}.png")
+
+
+def save_png(array, path):
+    """Write atomically so an interrupted run never leaves a truncated PNG that counts as done."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp)
+    os.replace(tmp, path)
+
+
+def write_grid(out, seeds, num=64):
+    paths = [image_path(out, s) for s in seeds[:num]]
+    images = [np.asarray(Image.open(p)) for p in paths if os.path.exists(p)]
+    if not images:
+        return None
+    n = int(np.ceil(np.sqrt(len(images))))
+    h, w = images[0].shape[:2]
+    grid = np.zeros((n * h, n * w) + images[0].shape[2:], dtype=np.uint8)
+    for i, im in enumerate(images):
+        grid[(i // n) * h:(i // n + 1) * h, (i % n) * w:(i % n + 1) * w] = im
+    path = os.path.join(out, "grid.png")
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def main():
+    args = parse_args()
+    cfg = load_config(args.config, args.overrides)
+    outdir = args.outdir or cfg["train"]["outdir"]
+    S = dict(cfg["sample"])
+    for k in ("ema", "steps", "sampler", "batch", *STOCHASTIC):
+        if getattr(args, k) is not None:
+            S[k] = getattr(args, k)
+    seeds = parse_seeds(args.seeds) if args.seeds else list(range(S["num_images"]))
+    if args.fid and not os.path.isfile(args.fid):
+        raise UserError(f"--fid {args.fid}: no such statistics file (make one with: python tools/fid.py ref --config ... --out {args.fid})")
+
+    rank, world, device = dist.init()
+    from tools.checkpoint import load_net
+    net, info = load_net(cfg, outdir, args.epoch, S["ema"], device)
+    if args.compile:
+        net.compile()
+    tag = f"epoch_{info['epoch']}-{S['ema'].replace('=', '')}-{S['sampler']}{S['steps']}"
+    out = args.out or os.path.join(outdir, "samples", tag)
+    denoiser = Denoiser(net, cfg["diffusion"]["sigma_data"])
+    n = cfg["network"]
+    shape = (n["img_channels"], n["img_resolution"], n["img_resolution"])
+    todo = [s for s in seeds[rank::world] if not os.path.exists(image_path(out, s))]
+    if rank == 0:
+        remaining = sum(not os.path.exists(image_path(out, s)) for s in seeds)
+        print(f"sampling {len(seeds)} images ({S['sampler']}, {S['steps']} steps, {S['ema']} weights, epoch {info['epoch']}) "
+              f"into {out}; {remaining} to go", flush=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    kwargs = {k: S[k] for k in ("sampler", "steps", "sigma_min", "sigma_max", "rho", *STOCHASTIC)}
+    from tqdm import tqdm
+    for i in tqdm(range(0, len(todo), S["batch"]), disable=rank != 0, unit="batch"):
+        batch = todo[i:i + S["batch"]]
+        with torch.no_grad(), amp:
+            x = sample(denoiser, SeedNoise(batch, device), shape, **kwargs)
+        for seed, img in zip(batch, to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()):
+            save_png(img, image_path(out, seed))
+    dist.barrier()
+    if rank == 0:
+        grid = write_grid(out, seeds)
+        print(f"samples: {out}" + (f"\ngrid: {grid}" if grid else ""), flush=True)
+        if args.fid:
+            score(out, args.fid, args.inception_weights, device, outdir, info, S)
+    dist.shutdown()
+
+
+def score(out, ref, weights, device, outdir, info, S):
+    from tools import fid
+    if fid.find_inception_weights(weights) is None:
+        print("scoring skipped: no Inception weights (pass --inception-weights or set FID_INCEPTION_WEIGHTS; see docs/METRICS.md)", flush=True)
+        return
+    result = fid.score_folder(out, ref, weights_path=weights, device=device)
+    result.update(epoch=info["epoch"], kimg=info["t_img"] / 1000, ema=S["ema"], sampler=S["sampler"], steps=S["steps"], samples=out)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(outdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"fid: {result['fid']:.4f}  kid: {result['kid_mean']:.5f} +- {result['kid_std']:.5f}  ({result['count']} images)", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
