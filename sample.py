@@ -50,7 +50,8 @@ def parse_args():
         p.add_argument(f"--{k}", type=float)
     p.add_argument("--batch", type=int, help="images per rank per forward")
     p.add_argument("--out", help="output folder (default: OUTDIR/samples/epoch_<N>-<ema>-<sampler><steps>)")
-    p.add_argument("--fid", metavar="REF.npz", help="score the samples against these reference statistics")
+    p.add_argument("--fid", metavar="REF.npz", help="score the samples against these reference statistics; 'auto' = the "
+                   "config's training split, computed once into DATA_ROOT/fid-refs/")
     p.add_argument("--inception-weights", help="local pt_inception-2015-12-05 weights (or set FID_INCEPTION_WEIGHTS)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -93,7 +94,7 @@ def main():
         if getattr(args, k) is not None:
             S[k] = getattr(args, k)
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(S["num_images"]))
-    if args.fid and not os.path.isfile(args.fid):
+    if args.fid and args.fid != "auto" and not os.path.isfile(args.fid):
         raise UserError(f"--fid {args.fid}: no such statistics file (make one with: python tools/fid.py ref --config ... --out {args.fid})")
 
     rank, world, device = dist.init()
@@ -125,15 +126,21 @@ def main():
         grid = write_grid(out, seeds)
         print(f"samples: {out}" + (f"\ngrid: {grid}" if grid else ""), flush=True)
         if args.fid:
-            score(out, args.fid, args.inception_weights, device, outdir, info, S)
+            score(cfg, out, args.fid, args.inception_weights, device, outdir, info, S)
     dist.shutdown()
 
 
-def score(out, ref, weights, device, outdir, info, S):
+def score(cfg, out, ref, weights, device, outdir, info, S):
     from tools import fid
     if fid.find_inception_weights(weights) is None:
         print("scoring skipped: no Inception weights (pass --inception-weights or set FID_INCEPTION_WEIGHTS; see docs/METRICS.md)", flush=True)
         return
+    if ref == "auto":
+        d, n = cfg["data"], cfg["network"]
+        ref = os.path.join(d["root"], "fid-refs", f"{d['dataset']}-{n['img_resolution']}.npz")
+        if not os.path.exists(ref):
+            print(f"reference statistics: computing {ref} from the training split", flush=True)
+            fid.compute_reference(cfg, ref, weights_path=weights, device=device)
     result = fid.score_folder(out, ref, weights_path=weights, device=device)
     result.update(epoch=info["epoch"], kimg=info["t_img"] / 1000, ema=S["ema"], sampler=S["sampler"], steps=S["steps"], samples=out)
     with open(os.path.join(out, "metrics.json"), "w") as f:

@@ -1,0 +1,110 @@
+"""Post-hoc EMA sweep: reconstruct several sigma_rel from a run's snapshots, score each, plot metric vs sigma_rel.
+
+    python tools/ema_sweep.py --config config/digits/E.yaml --outdir runs/demo/E --sigma-rels 0.03,0.05,0.075,0.1,0.15
+
+Each sigma_rel is sampled and scored by sample.py (FID/KID, when Inception weights are available) and
+probed by probe.py, with `--ema sigma_rel=X`; the rows land in the run's metrics.jsonl and probe JSON
+files as usual, and this script gathers them into OUTDIR/ema_sweep_epoch_<N>.{json,png}.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tools.checkpoint import load_epoch  # noqa: E402
+from tools.cli import UserError, run_main  # noqa: E402
+from tools.compare import read_jsonl, read_probe_results  # noqa: E402
+from tools.config import load_config  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--outdir", help="the run directory (default: train.outdir of the config)")
+    p.add_argument("--epoch", type=int, help="checkpoint whose time the reconstructions target (default: newest)")
+    p.add_argument("--sigma-rels", default="0.03,0.05,0.075,0.10,0.15,0.20")
+    p.add_argument("--num-images", type=int, default=1000, help="samples per sigma_rel for FID/KID")
+    p.add_argument("--fid", default="auto", help="reference statistics for sample.py --fid (default: auto)")
+    p.add_argument("--inception-weights")
+    p.add_argument("--no-probe", action="store_true")
+    return p.parse_args()
+
+
+def run(*args):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT)
+    if proc.returncode != 0:
+        raise UserError(f"{' '.join(args[:1])} failed (exit {proc.returncode}); see its message above")
+
+
+def main():
+    args = parse_args()
+    cfg = load_config(args.config)
+    outdir = args.outdir or cfg["train"]["outdir"]
+    try:
+        sigma_rels = [float(s) for s in args.sigma_rels.split(",")]
+    except ValueError:
+        raise UserError(f"--sigma-rels must be comma-separated numbers, got {args.sigma_rels!r}") from None
+    epoch = load_epoch(outdir, args.epoch, required=("epoch",))["epoch"]
+    from tools.fid import find_inception_weights
+    scoring = find_inception_weights(args.inception_weights) is not None
+    if not scoring:
+        print("FID/KID skipped: no Inception weights (pass --inception-weights or set FID_INCEPTION_WEIGHTS); probing only")
+    common = ["--config", args.config, "--outdir", outdir, "--epoch", str(epoch)]
+    for s in sigma_rels:
+        ema = f"sigma_rel={s:g}"
+        print(f"--- {ema}", flush=True)
+        if scoring:
+            run("sample.py", *common, "--ema", ema, "--seeds", f"0-{args.num_images - 1}", "--fid", args.fid,
+                *(["--inception-weights", args.inception_weights] if args.inception_weights else []))
+        if not args.no_probe:
+            run("probe.py", *common, "--ema", ema)
+
+    rows = []
+    metrics = [r for r in read_jsonl(os.path.join(outdir, "metrics.jsonl")) if "fid" in r and r.get("epoch") == epoch]
+    probes = [r for r in read_probe_results(outdir) if r.get("epoch") == epoch]
+    for s in sigma_rels:
+        ema = f"sigma_rel={s:g}"
+        row = dict(sigma_rel=s, epoch=epoch)
+        fids = [r for r in metrics if r.get("ema") == ema]
+        if fids:
+            row.update(fid=fids[-1]["fid"], kid=fids[-1]["kid_mean"], count=fids[-1]["count"])
+        accs = [r for r in probes if r.get("ema") == ema]
+        if accs:
+            row["probe_acc"] = accs[-1]["test_accuracy_pct"]
+        rows.append(row)
+    base = os.path.join(outdir, f"ema_sweep_epoch_{epoch}")
+    with open(base + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    plot(rows, base + ".png", os.path.basename(os.path.normpath(outdir)))
+    for r in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    print(f"written: {base}.json, {base}.png")
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in ("fid", "kid", "probe_acc") if any(k in r for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["sigma_rel"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), "o-")
+        ax.set_xlabel("sigma_rel")
+        ax.set_ylabel({"fid": "FID", "kid": "KID", "probe_acc": "probe accuracy (%)"}[k])
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"post-hoc EMA sweep: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_main(main)
