@@ -94,6 +94,9 @@ def main():
         if getattr(args, k) is not None:
             S[k] = getattr(args, k)
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(S["num_images"]))
+    if args.fid:
+        from tools.fid import find_inception_weights
+        find_inception_weights(args.inception_weights)  # a mistyped weights path stops here, before sampling
     if args.fid and args.fid != "auto" and not os.path.isfile(args.fid):
         raise UserError(f"--fid {args.fid}: no such statistics file (make one with: python tools/fid.py ref --config ... --out {args.fid})")
 

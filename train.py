@@ -221,7 +221,7 @@ def train(cfg, rank, world, device):
         streak = (streak + 1) * (~finite)
         pbar.update(1)
 
-        snapshot_img = cfg["ema"]["snapshot_epochs"] * epoch_img
+        snapshot_img = round(cfg["ema"]["snapshot_epochs"] * epoch_img)
         if rank == 0 and snapshot_img > 0 and t_img // snapshot_img > (t_img - B) // snapshot_img:
             emas.save_snapshot(outdir, t_img)
 

@@ -59,7 +59,7 @@ DEFAULTS = {
         "classic_halflife_kimg": 500.0, # Classic EMA (ema-pytorch) half-life in thousands of images.
         "classic_rampup_ratio": 0.05,   # Warm-up: half-life <= ratio * images seen; 0 = no warm-up.
         "sigma_rels": [0.05, 0.10],     # Power-function EMAs tracked during training (EDM2 section 3).
-        "snapshot_epochs": 20,          # Cadence of power-function EMA snapshots for post-hoc reconstruction.
+        "snapshot_epochs": 20.0,        # Cadence of power-function EMA snapshots for post-hoc reconstruction.
         "snapshot_dtype": "float32",    # float32 | float16 | bfloat16.
     },
     "sample": {
@@ -77,12 +77,15 @@ DEFAULTS = {
         "ema": "classic",               # classic | online | sigma_rel=X
     },
     "probe": {
-        "block": "",                    # Decoder block whose pooled activations are the features ('' = second-lowest-res. block1).
-        "sigma": 0.06,                  # Noise level at which features are taken.
-        "C_grid": [0.01, 0.1, 1.0, 10.0],  # Inverse regularisation strengths tried on the held-out split.
-        "holdout": 0.1,                 # Fraction of the training split held out for selection.
-        "xflip": False,                 # Add flipped training images' features.
-        "batch": 256,
+        "block": "",                    # Block whose pooled activations are the features, e.g. dec.8x8_block1 (probe.py --list-blocks); '' = dec.<second-lowest res.>_block1.
+        "sigma": 0.06,                  # Noise level of the features (DDAE: t = 4 of the reversed 18-step schedule, sigma = 0.0599).
+        "ema": "classic",               # Weights probed: classic | online | sigma_rel=X.
+        "classifier": "sklearn",        # sklearn (logistic regression on CPU) | torch (same objective, L-BFGS on the GPU; large sets).
+        "C_grid": [0.001, 0.01, 0.1, 1.0, 10.0],  # Inverse L2 strengths (scikit-learn's C) tried; chosen on the held-out part of the training split.
+        "holdout": 0.1,                 # Fraction of the training split held out to choose C (the test split never chooses anything).
+        "xflip": False,                 # Add x-flipped training images' features to the classifier's training set.
+        "grid_sigmas": [0.01, 0.03, 0.06, 0.15, 0.3, 0.6],  # Noise levels swept by probe.py --grid (with every block).
+        "batch": 512,                   # Images per rank per forward during feature extraction.
     },
 }
 

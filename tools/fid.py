@@ -1,0 +1,419 @@
+"""FID and KID with pytorch-fid's Inception-v3 (pool3, 2048-d), its weights read from a local file.
+
+    python tools/fid.py ref --config config/cifar10/E.yaml --out refs/cifar10-train.npz   # torchrun works too
+    python tools/fid.py score runs/cifar10-E/samples/epoch_1999-classic-heun18 refs/cifar10-train.npz
+    python tools/fid.py A.npz B.npz                                                       # FID of two statistics files
+
+Reference statistics are pytorch-fid's .npz (mu, sigma), so `python -m pytorch_fid A.npz B.npz` gives the
+same FID (it builds its network even then, so it needs the weights in the torch hub cache), plus `features`:
+a random float16 subset of at most 10,000 reference features for KID, the unbiased metric at small sample
+counts (FID is biased upwards at small n).
+Weights: --inception-weights PATH, else $FID_INCEPTION_WEIGHTS, else the torch hub cache.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # import tools.* from the repo root, not tools/
+
+import argparse
+import glob
+import hashlib
+import json
+import warnings
+
+import numpy as np
+import torch
+
+from tools import dist
+from tools.cli import UserError, run_main
+
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
+WEIGHTS_SHA256_PREFIX = "6726825d"     # torch hub convention: the file name carries its sha256 prefix
+FEATURE_DIM = 2048                     # Inception-v3 pool3
+REF_FEATURES = 10000                   # Reference features kept for KID.
+KID_SUBSET_SIZE = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64."""
+    import scipy.linalg
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    with warnings.catch_warnings():
+        # S1 S2 is singular whenever n < d (few images); the result is checked below instead.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(d) * eps  # regularise as pytorch-fid does
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # The eigenvalues of S1 S2 are real and >= 0; imaginary parts are rounding noise unless large.
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm(S1 S2) has an imaginary part of {np.abs(covmean.imag).max():.3g}: covariances not PSD?")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kid(feats_a, feats_b, num_subsets=100, subset_size=KID_SUBSET_SIZE, seed=0):
+    """KID (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 over random subsets -> (mean, std)."""
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise UserError(f"KID needs two feature sets [n, d] of one dimension, got {a.shape} and {b.shape}")
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise UserError(f"KID needs at least 2 features in each set, got {len(a)} and {len(b)}")
+    d = a.shape[1]
+    rng = np.random.default_rng(seed)
+    mmd = np.empty(num_subsets)
+    for i in range(num_subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        k_xx, k_yy, k_xy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        # U-statistic: the diagonals k(x_i, x_i) are what bias the plain (V-statistic) estimate upwards.
+        mmd[i] = ((k_xx.sum() - np.trace(k_xx)) + (k_yy.sum() - np.trace(k_yy))) / (m * (m - 1)) - 2 * k_xy.mean()
+    return float(mmd.mean()), float(mmd.std())
+
+
+class FeatureStats:
+    """Streaming float64 sums (count, sum x, sum x x^T) for mu and sigma, plus the first `max_keep` raw features for KID."""
+
+    def __init__(self, dim=FEATURE_DIM, max_keep=0):
+        self.dim, self.max_keep = dim, max_keep
+        self.num = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.kept = []
+
+    def update(self, feats):
+        x = torch.as_tensor(feats).to(torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise UserError(f"features must be [n, {self.dim}], got {tuple(x.shape)}")
+        if self.num == 0 and self.sum.device != x.device:
+            self.sum, self.sum_outer = self.sum.to(x.device), self.sum_outer.to(x.device)
+        x = x.to(self.sum.device)
+        self.num += x.shape[0]
+        self.sum += x.sum(0)
+        self.sum_outer += x.T @ x
+        room = self.max_keep - self.num_kept()
+        if room > 0:
+            self.kept.append(x[:room].cpu())
+        return self
+
+    def num_kept(self):
+        return sum(len(k) for k in self.kept)
+
+    def features(self):
+        """Kept raw features, float64 [k, dim], in the order seen (across ranks after all_reduce); None if none kept."""
+        return torch.cat(self.kept).numpy() if self.kept else None
+
+    def all_reduce(self):
+        """Sum over torch.distributed ranks; kept features are gathered and put in the order of a rank-strided pass."""
+        if not torch.distributed.is_initialized():
+            return self
+        comm = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        packed = torch.cat([torch.tensor([float(self.num)], dtype=torch.float64), self.sum.cpu(), self.sum_outer.cpu().flatten()]).to(comm)
+        dist.all_reduce_sum(packed)
+        packed = packed.cpu()
+        self.num = int(packed[0].item())
+        self.sum = packed[1:1 + self.dim].clone()
+        self.sum_outer = packed[1 + self.dim:].reshape(self.dim, self.dim).clone()
+        if self.max_keep > 0:
+            world = torch.distributed.get_world_size()
+            mine = torch.zeros(self.max_keep, self.dim, dtype=torch.float64)
+            if self.kept:
+                mine[:self.num_kept()] = torch.cat(self.kept)
+            counts = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(world)]
+            torch.distributed.all_gather(counts, torch.tensor([self.num_kept()], device=comm))
+            gathered = [torch.zeros_like(mine, device=comm) for _ in range(world)]
+            torch.distributed.all_gather(gathered, mine.to(comm))
+            # Rank r's j-th feature is item j * world + r of a pass strided over ranks.
+            order = sorted((j * world + r, r, j) for r in range(world) for j in range(int(counts[r].item())))
+            self.kept = [torch.stack([gathered[r][j].cpu() for _, r, j in order])] if order else []
+        return self
+
+    def mu_sigma(self):
+        """Mean and unbiased covariance (ddof = 1, as np.cov in pytorch-fid), float64 numpy."""
+        if self.num < 2:
+            raise UserError(f"FID needs at least 2 images, got {self.num}")
+        mu = self.sum / self.num
+        sigma = (self.sum_outer - self.num * torch.outer(mu, mu)) / (self.num - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception-v3.
+
+def find_inception_weights(path=None):
+    """The weights file: `path`, else $FID_INCEPTION_WEIGHTS, else the torch hub cache; None if none is set or cached."""
+    for given, where in ((path, "--inception-weights"), (os.environ.get("FID_INCEPTION_WEIGHTS"), "FID_INCEPTION_WEIGHTS")):
+        if given:
+            if not os.path.isfile(given):
+                raise UserError(f"{where}={given}: no such file; it must be pytorch-fid's {WEIGHTS_FILE} ({WEIGHTS_URL})")
+            return given
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
+    return cached if os.path.isfile(cached) else None
+
+
+def build_inception(weights_path=None, random_weights=False, device="cpu"):
+    """pytorch-fid's FID Inception-v3 (pool3 output, resizes to 299 and maps [0, 1] to [-1, 1] itself), in eval mode.
+
+    The weights come from a local file, never the network. random_weights=True is for tests: a fixed random
+    network whose name, `model.extractor`, says RANDOM wherever its statistics are written.
+    """
+    import torchvision
+    import pytorch_fid.inception as fid_inception
+    from contextlib import ExitStack
+    from unittest import mock
+
+    path = None
+    if random_weights:
+        state_dict, extractor = None, "inception-v3-RANDOM"
+    else:
+        path = find_inception_weights(weights_path)
+        if path is None:
+            raise UserError(f"scoring needs pytorch-fid's Inception weights {WEIGHTS_FILE}: pass --inception-weights PATH, set "
+                            f"FID_INCEPTION_WEIGHTS=PATH or put it in {os.path.join(torch.hub.get_dir(), 'checkpoints')} "
+                            f"(on a machine with internet: {WEIGHTS_URL})")
+        state_dict, extractor = _load_weights(path)
+
+    with ExitStack() as stack, torch.random.fork_rng(devices=[]):
+        # pytorch-fid's constructor would download the weights: hand it the local state dict instead.
+        stack.enter_context(mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state_dict))
+        if random_weights:
+            stack.enter_context(mock.patch.object(torchvision.models.inception.Inception3, "load_state_dict", lambda *args, **kwargs: None))
+        torch.default_generator.manual_seed(0)
+        try:
+            model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]], resize_input=True, normalize_input=True)
+        except RuntimeError as e:
+            raise UserError(f"{path}: not pytorch-fid's Inception weights "
+                            f"({str(e).splitlines()[0]}); get {WEIGHTS_URL}") from None
+        if random_weights:
+            # PyTorch's default init shrinks pool3 activations to ~1e-8, which would make every random-net FID ~0.
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    model.extractor = extractor
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _load_weights(path):
+    """(state dict, extractor name); a file other than the published one still loads but is named unverified."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read the Inception weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"replace it with {WEIGHTS_URL}") from None
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{path}: not a state dict; replace it with {WEIGHTS_URL}")
+    sha = h.hexdigest()
+    if sha.startswith(WEIGHTS_SHA256_PREFIX):
+        return state_dict, "inception-v3-pytorch-fid"
+    print(f"warning: {path} is not the published {WEIGHTS_FILE} (sha256 {sha[:8]}...): FIDs are not comparable to published ones",
+          file=sys.stderr, flush=True)
+    return state_dict, f"inception-v3-unverified-{sha[:8]}"
+
+
+def features_of_images(model, images, batch=200, device=None, stats=None):
+    """Pool3 features of uint8 images [N, C, H, W] (C = 1 or 3), fed exactly as quantised: float64 numpy [N, 2048],
+    or, with `stats`, accumulated into that FeatureStats (returned)."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise UserError(f"expected uint8 images [N, C, H, W] with C = 1 or 3, got {images.dtype} {tuple(images.shape)}")
+    device = device or next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch].to(device).to(torch.float32) / 255
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)  # gray -> RGB, as PIL's convert("RGB") does for pytorch-fid
+            f = model(x)[0].flatten(1).to(torch.float64)
+            if stats is not None:
+                stats.update(f)
+            else:
+                out.append(f.cpu())
+    if stats is not None:
+        return stats
+    return torch.cat(out).numpy() if out else np.zeros((0, FEATURE_DIM))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference statistics and scoring.
+
+def compute_reference(cfg, out_path, weights_path=None, random_weights=False, batch=200, device="cpu"):
+    """Statistics of the whole training split (uint8, no flips), rank-strided over torch.distributed ranks; rank 0 writes
+    `out_path` (.npz: mu, sigma, features) and its metadata `<out_path without .npz>.json`. Returns (mu, sigma) on rank 0."""
+    from tools.data import load_dataset
+    if not out_path.endswith(".npz"):
+        raise UserError(f"--out {out_path}: must end with .npz (pytorch-fid reads statistics only from .npz files)")
+    model = build_inception(weights_path, random_weights, device)
+    images, _ = load_dataset(cfg, "train")
+    # A fixed random order, so the first features kept form a random subset whatever the rank count.
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    world, rank = dist.world_size(), dist.rank()
+    mine = order[rank::world]
+    stats = FeatureStats(max_keep=-(-REF_FEATURES // world))
+    for i in range(0, len(mine), batch):
+        features_of_images(model, images[mine[i:i + batch]], batch, device, stats)
+    stats.all_reduce()
+    if rank != 0:
+        dist.barrier()
+        return None
+    mu, sigma = stats.mu_sigma()
+    features = stats.features()[:REF_FEATURES].astype(np.float16)
+    info = dict(dataset=cfg["data"]["dataset"], split="train", count=stats.num, resolution=cfg["network"]["img_resolution"],
+                channels=cfg["network"]["img_channels"], extractor=model.extractor, kid_features=len(features),
+                weights_file=None if random_weights else os.path.basename(find_inception_weights(weights_path)))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    _write_atomic(out_path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=features))
+    _write_atomic(out_path[:-4] + ".json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+    dist.barrier()
+    return mu, sigma
+
+
+def _write_atomic(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def load_stats(path):
+    """(mu [d], sigma [d, d], reference features [k, d] float64 or None) from a statistics .npz."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such statistics file (make one with: python tools/fid.py ref --config ... --out {path})")
+    try:
+        with np.load(path) as f:
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            features = f["features"].astype(np.float64) if "features" in f else None
+    except Exception as e:
+        raise UserError(f"{path}: not a statistics .npz with mu and sigma ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if mu.ndim != 1 or sigma.shape != (d, d) or (features is not None and (features.ndim != 2 or features.shape[1] != d)):
+        raise UserError(f"{path}: inconsistent shapes mu {mu.shape}, sigma {sigma.shape}"
+                        + ("" if features is None else f", features {features.shape}"))
+    return mu, sigma, features
+
+
+def _reference_extractor(ref_path):
+    meta = ref_path[:-4] + ".json" if ref_path.endswith(".npz") else None
+    if meta and os.path.isfile(meta):
+        try:
+            with open(meta) as f:
+                return json.load(f).get("extractor")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{meta}: unreadable metadata ({type(e).__name__}); delete it or recompute the reference") from None
+    return None
+
+
+def score_images(images, ref_path, weights_path=None, random_weights=False, device="cpu", batch=200, kid_subsets=100):
+    """FID and KID of uint8 images (a tensor [N, C, H, W] or an iterable of such batches) against a reference .npz.
+
+    KID uses the first 10,000 images against the reference's kept features; NaN if the file has none (pytorch-fid's own)."""
+    mu_ref, sigma_ref, feats_ref = load_stats(ref_path)
+    if mu_ref.shape != (FEATURE_DIM,):
+        raise UserError(f"{ref_path}: mu has shape {mu_ref.shape}, expected ({FEATURE_DIM},) (Inception pool3)")
+    model = build_inception(weights_path, random_weights, device)
+    ref_extractor = _reference_extractor(ref_path)
+    if ref_extractor is not None and ref_extractor != model.extractor:
+        raise UserError(f"{ref_path} was made with {ref_extractor} but scoring uses {model.extractor}: "
+                        f"recompute the reference with the same weights (python tools/fid.py ref ...)")
+    stats = FeatureStats(max_keep=REF_FEATURES)
+    batches = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images
+    for b in batches:
+        features_of_images(model, b, batch, device, stats)
+    mu, sigma = stats.mu_sigma()
+    kid_mean, kid_std = kid(stats.features(), feats_ref, kid_subsets) if feats_ref is not None else (float("nan"), float("nan"))
+    return dict(fid=frechet_distance(mu, sigma, mu_ref, sigma_ref), kid_mean=kid_mean, kid_std=kid_std, count=stats.num,
+                extractor=model.extractor)
+
+
+def png_paths(folder):
+    """All PNGs under `folder`, sorted; not sample.py's preview grid.png nor its half-written *.tmp.png."""
+    paths = sorted(glob.glob(os.path.join(folder, "**", "*.png"), recursive=True))
+    return [p for p in paths if not p.endswith(".tmp.png") and os.path.relpath(p, folder) != "grid.png"]
+
+
+def _png_batches(paths, batch):
+    from PIL import Image
+    shape = None
+    for i in range(0, len(paths), batch):
+        arrays = []
+        for p in paths[i:i + batch]:
+            with Image.open(p) as im:
+                a = np.asarray(im if im.mode in ("L", "RGB") else im.convert("RGB"))
+            a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+            shape = shape or a.shape
+            if a.shape != shape:
+                raise UserError(f"{p}: {a.shape} (C, H, W) differs from the first image's {shape}; score one kind of image at a time")
+            arrays.append(a)
+        yield torch.from_numpy(np.stack(arrays))
+
+
+def score_folder(folder, ref_path, weights_path=None, random_weights=False, device="cpu", batch=200, kid_subsets=100):
+    """score_images on every PNG under `folder` (recursively, sorted)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: no such folder")
+    paths = png_paths(folder)
+    if not paths:
+        raise UserError(f"{folder}: no PNG images found (recursively)")
+    return score_images(_png_batches(paths, batch), ref_path, weights_path, random_weights, device, batch, kid_subsets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    mode = argv[0] if argv and argv[0] in ("ref", "score") else "fid"
+    p = argparse.ArgumentParser(prog=f"fid.py{'' if mode == 'fid' else ' ' + mode}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if mode == "fid":
+        p.add_argument("a", metavar="A.npz", help="statistics file")
+        p.add_argument("b", metavar="B.npz", help="statistics file")
+    elif mode == "ref":
+        p.add_argument("--config", required=True, help="the YAML config whose training split is the reference")
+        p.add_argument("--out", required=True, metavar="PATH.npz", help="statistics file to write (plus PATH.json)")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    else:
+        p.add_argument("folder", help="folder of PNGs (searched recursively)")
+        p.add_argument("ref", metavar="REF.npz", help="reference statistics")
+        p.add_argument("--kid-subsets", type=int, default=100)
+    if mode != "fid":
+        p.add_argument("--inception-weights", metavar="PATH", help=f"local {WEIGHTS_FILE} (or set FID_INCEPTION_WEIGHTS)")
+        p.add_argument("--random-weights", action="store_true", help="random Inception, for tests only")
+        p.add_argument("--batch", type=int, default=200, help="images per forward")
+    args = p.parse_args(argv if mode == "fid" else argv[1:])
+
+    if mode == "fid":
+        (mu1, sigma1, _), (mu2, sigma2, _) = load_stats(args.a), load_stats(args.b)
+        print(repr(frechet_distance(mu1, sigma1, mu2, sigma2)))
+    elif mode == "ref":
+        from tools.config import load_config
+        cfg = load_config(args.config, args.overrides)
+        _, _, device = dist.init()
+        compute_reference(cfg, args.out, args.inception_weights, args.random_weights, args.batch, device)
+        dist.print0(f"reference statistics: {args.out} (+ {args.out[:-4]}.json)")
+        dist.shutdown()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        r = score_folder(args.folder, args.ref, args.inception_weights, args.random_weights, device, args.batch, args.kid_subsets)
+        print(f"fid: {r['fid']:.4f}  kid: {r['kid_mean']:.5f} +- {r['kid_std']:.5f}  ({r['count']} images, {r['extractor']})")
+
+
+if __name__ == "__main__":
+    run_main(main)
