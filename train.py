@@ -15,7 +15,10 @@ import resource
 import time
 
 import torch
+import torchvision
+import yaml
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from tools import dist
@@ -23,6 +26,7 @@ from tools.checkpoint import atomic_save, checkpoint_path, list_checkpoints, loa
 from tools.cli import UserError, run_main
 from tools.config import build_edm, dump, load_config
 from tools.data import load_dataset, to_float
+from tools.edm import Denoiser
 from tools.ema import EMAs
 from tools.mp import force_weight_norm_
 from tools.sampler import SeedNoise, sample
@@ -59,7 +63,6 @@ def check_resumable(cfg, ckpt_cfg, outdir):
 @torch.no_grad()
 def sample_grid(net, cfg, device, num=64):
     """EMA samples for the TensorBoard grid, seeds 0..num-1, in [0, 1]."""
-    from tools.edm import Denoiser
     was_training = net.training
     denoiser = Denoiser(net.eval(), cfg["diffusion"]["sigma_data"])
     n = cfg["network"]
@@ -128,7 +131,6 @@ def train(cfg, rank, world, device):
     if ckpt is None and list_checkpoints(outdir):
         raise UserError(f"no checkpoint in {outdir}/checkpoints could be loaded; move them away to start afresh")
     if ckpt is not None:
-        import yaml
         check_resumable(cfg, yaml.safe_load(ckpt["config"]), outdir)
         edm.net.load_state_dict(ckpt["net"])
         edm.loss.load_state_dict(ckpt["loss_head"])
@@ -150,7 +152,6 @@ def train(cfg, rank, world, device):
 
     writer = metrics_file = None
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(outdir, "tensorboard"))
         metrics_file = open(os.path.join(outdir, "metrics.jsonl"), "a")
     num_params = sum(p.numel() for p in edm.net.parameters())
@@ -265,7 +266,6 @@ def train(cfg, rank, world, device):
             last = step == total_steps
             if rank == 0 and T["grid_epochs"] and (epoch_done % T["grid_epochs"] == 0 or last):
                 grid = sample_grid(emas.classic.ema_model, cfg, device)
-                import torchvision
                 writer.add_image("samples/ema_classic", torchvision.utils.make_grid(grid, nrow=8), t_img)
                 os.makedirs(os.path.join(outdir, "grids"), exist_ok=True)
                 torchvision.utils.save_image(grid, os.path.join(outdir, "grids", f"epoch_{epoch_done}.png"), nrow=8)

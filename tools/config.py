@@ -77,14 +77,14 @@ DEFAULTS = {
         "ema": "classic",               # classic | online | sigma_rel=X
     },
     "probe": {
-        "block": "",                    # Block whose pooled activations are the features, e.g. dec.8x8_block1 (probe.py --list-blocks); '' = dec.<second-lowest res.>_block1.
-        "sigma": 0.06,                  # Noise level of the features (DDAE: t = 4 of the reversed 18-step schedule, sigma = 0.0599).
+        "block": "",                    # Features: pooled output of this block (probe.py --list-blocks); '' = dec.<2nd-lowest res>_block1.
+        "sigma": 0.06,                  # Noise level of the features (DDAE: --t 4 of the 18-step schedule, 0.0599).
         "ema": "classic",               # Weights probed: classic | online | sigma_rel=X.
-        "classifier": "sklearn",        # sklearn (logistic regression on CPU) | torch (same objective, L-BFGS on the GPU; large sets).
-        "C_grid": [0.001, 0.01, 0.1, 1.0, 10.0],  # Inverse L2 strengths (scikit-learn's C) tried; chosen on the held-out part of the training split.
-        "holdout": 0.1,                 # Fraction of the training split held out to choose C (the test split never chooses anything).
-        "xflip": False,                 # Add x-flipped training images' features to the classifier's training set.
-        "grid_sigmas": [0.01, 0.03, 0.06, 0.15, 0.3, 0.6],  # Noise levels swept by probe.py --grid (with every block).
+        "classifier": "sklearn",        # sklearn (CPU) | torch (the same objective by L-BFGS on the GPU, for large sets).
+        "C_grid": [0.001, 0.01, 0.1, 1.0, 10.0],  # Inverse L2 strengths tried (scikit-learn's C).
+        "holdout": 0.1,                 # Fraction of the training split that chooses C (the test split chooses nothing).
+        "xflip": False,                 # Add x-flipped training images' features.
+        "grid_sigmas": [0.01, 0.03, 0.06, 0.15, 0.3, 0.6],  # Noise levels of probe.py --grid (with every block).
         "batch": 512,                   # Images per rank per forward during feature extraction.
     },
 }
