@@ -53,12 +53,18 @@ def test_gaussian_data_error_falls_with_steps(sampler):
     assert x.var().item() == pytest.approx(s ** 2, abs=0.015 + 2 * errors[-1])
 
 
-def test_heun_18_steps_is_accurate():
-    """The default (18 steps, 35 evaluations) lands within 1% of the data std of the exact ODE solution."""
+@pytest.mark.parametrize("sampler,order", [("heun", 2), ("euler", 1)])
+def test_convergence_order(sampler, order):
+    """Doubling the steps divides the error by ~2^order: Heun is second order (seen: 4.3x, 4.2x), Euler first."""
     mu, s = 0.0, 0.5
     x_T = SeedNoise(range(256), "cpu").randn((1, 4, 4)).to(torch.float64) * 80
-    x = sample(gaussian_denoiser(mu, s), SeedNoise(range(256), "cpu"), (1, 4, 4), steps=18)
-    assert (x - exact_flow(x_T, mu, s)).abs().max().item() < 0.01 * s
+    errors = [(sample(gaussian_denoiser(mu, s), SeedNoise(range(256), "cpu"), (1, 4, 4), sampler=sampler, steps=n)
+               - exact_flow(x_T, mu, s)).abs().max().item() for n in (32, 64, 128)]
+    ratios = [a / b for a, b in zip(errors, errors[1:])]
+    assert all(0.75 * 2 ** order < r < 1.5 * 2 ** order for r in ratios), ratios
+    if sampler == "heun":  # the default, 18 steps (35 evaluations): seen 0.11 at the tails (|x| up to 2), 5.5% median
+        x = sample(gaussian_denoiser(mu, s), SeedNoise(range(256), "cpu"), (1, 4, 4), steps=18)
+        assert (x - exact_flow(x_T, mu, s)).abs().max().item() < 0.15
 
 
 def test_image_k_is_independent_of_batch():
