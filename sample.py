@@ -77,9 +77,11 @@ def write_grid(out, seeds, num=64):
         return None
     n = int(np.ceil(np.sqrt(len(images))))
     h, w = images[0].shape[:2]
-    grid = np.zeros((n * h, n * w) + images[0].shape[2:], dtype=np.uint8)
+    pad = 2  # grey separators, so that neighbouring images do not run into each other
+    grid = np.full((n * (h + pad) + pad, n * (w + pad) + pad) + images[0].shape[2:], 128, dtype=np.uint8)
     for i, im in enumerate(images):
-        grid[(i // n) * h:(i // n + 1) * h, (i % n) * w:(i % n + 1) * w] = im
+        top, left = pad + (i // n) * (h + pad), pad + (i % n) * (w + pad)
+        grid[top:top + h, left:left + w] = im
     path = os.path.join(out, "grid.png")
     Image.fromarray(grid).save(path)
     return path

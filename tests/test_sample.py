@@ -74,6 +74,19 @@ def test_image_k_is_independent_of_batch():
     torch.testing.assert_close(b, torch.cat([a[4:], a[:4]]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_holds_exactly_the_sample(tmp_path, channels):
+    """The PNG written for an image decodes to the same uint8 pixels (gray and RGB, from a permuted view)."""
+    from PIL import Image
+    from sample import save_png
+    from tools.data import to_uint8
+    x = torch.rand(2, channels, 16, 12) * 2 - 1
+    arrays = to_uint8(x).permute(0, 2, 3, 1).numpy()  # the non-contiguous view sample.py writes
+    save_png(arrays[1], str(tmp_path / "a.png"))
+    back = np.asarray(Image.open(tmp_path / "a.png"))
+    assert np.array_equal(back.reshape(16, 12, channels), arrays[1])
+
+
 def test_parse_seeds():
     assert parse_seeds("0-3,7,10-11") == [0, 1, 2, 3, 7, 10, 11]
 
