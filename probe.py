@@ -29,7 +29,7 @@ import time
 import torch
 
 from tools import dist
-from tools.checkpoint import checkpoint_path, list_checkpoints, load_net, parse_ema
+from tools.checkpoint import atomic_save, atomic_write, checkpoint_path, list_checkpoints, load_net, parse_ema
 from tools.cli import UserError, run_main
 from tools.config import build_network, load_config
 from tools.data import load_dataset, to_float
@@ -247,10 +247,7 @@ def read_cached(path, meta):
 
 
 def write_cached(path, features, meta, t_img):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(dict(features=features.contiguous(), meta=meta, t_img=t_img), tmp)
-    os.replace(tmp, path)
+    atomic_save(dict(features=features.contiguous(), meta=meta, t_img=t_img), path)
 
 
 def ensure_features(cfg, ckpt, ema, blocks, sigmas, streams, batch, device, images):
@@ -419,12 +416,7 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def result_key(block, sigma, ema, p):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from tools import dist
+from tools.checkpoint import atomic_write
 from tools.cli import UserError, run_main
 from tools.config import load_config
 from tools.data import to_uint8
@@ -64,10 +65,8 @@ def image_path(out, seed):
 
 def save_png(array, path):
     """Write atomically so an interrupted run never leaves a truncated PNG that counts as done."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp)
-    os.replace(tmp, path)
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def write_grid(out, seeds, num=64):

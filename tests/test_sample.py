@@ -114,7 +114,7 @@ def test_interrupted_run_continues_to_the_same_files(trained_digits_run, tmp_pat
     run_script(*args, "--out", str(tmp_path / "part"))
     for p in pngs(tmp_path / "part", [1, 5, 6]):  # an interruption: some images missing, one write half done
         os.remove(p)
-    open(image_path(str(tmp_path / "part"), 6) + ".tmp.png", "wb").write(b"\x89PNG partial")
+    open(image_path(str(tmp_path / "part"), 6) + ".tmp4242", "wb").write(b"\x89PNG partial")
     kept = os.path.getmtime(image_path(str(tmp_path / "part"), 0))
     proc = run_script(*args, "--out", str(tmp_path / "part"))
     assert "3 to go" in proc.stdout

@@ -11,8 +11,8 @@ import torch
 from tools.cli import UserError
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+def atomic_write(path, write):
+    """Call write(f) on a binary file in the same folder, fsync, then rename it over `path`.
 
     A crash or a full disk leaves the previous file intact; the partial file is removed.
     """
@@ -20,7 +20,7 @@ def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,6 +30,11 @@ def atomic_save(obj, path):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"disk full while writing {path}; earlier files are intact, free space and run again") from None
         raise UserError(f"could not write {path}: {e.strerror}") from None
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tools import dist
+from tools.checkpoint import atomic_write
 from tools.cli import UserError, run_main
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -279,17 +280,10 @@ def compute_reference(cfg, out_path, weights_path=None, random_weights=False, ba
                 channels=cfg["network"]["img_channels"], extractor=model.extractor, kid_features=len(features),
                 weights_file=None if random_weights else os.path.basename(find_inception_weights(weights_path)))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    _write_atomic(out_path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=features))
-    _write_atomic(out_path[:-4] + ".json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+    atomic_write(out_path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=features))
+    atomic_write(out_path[:-4] + ".json", lambda f: f.write(json.dumps(info, indent=1).encode()))
     dist.barrier()
     return mu, sigma
-
-
-def _write_atomic(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def load_stats(path):
@@ -343,9 +337,9 @@ def score_images(images, ref_path, weights_path=None, random_weights=False, devi
 
 
 def png_paths(folder):
-    """All PNGs under `folder`, sorted; not sample.py's preview grid.png nor its half-written *.tmp.png."""
+    """All PNGs under `folder`, sorted; not sample.py's preview grid.png (half-written files end in .tmp<pid>)."""
     paths = sorted(glob.glob(os.path.join(folder, "**", "*.png"), recursive=True))
-    return [p for p in paths if not p.endswith(".tmp.png") and os.path.relpath(p, folder) != "grid.png"]
+    return [p for p in paths if os.path.relpath(p, folder) != "grid.png"]
 
 
 def _png_batches(paths, batch):
