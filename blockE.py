@@ -1,10 +1,10 @@
 """Layers of Config E (paper steps D+E): magnitude-preserving learned layers with forced weight
-normalisation; fixed-function layers and group norms as in Config C."""
+normalisation; ADM's skeleton, fixed-function layers and group norms as in Config C."""
 
 import numpy as np
 import torch
 
-from tools.layers import CLIP_ACT, cosine_attention, group_norm, resample
+from tools.layers import CLIP_ACT, cosine_attention, group_norm, resample, sample_dropout
 from tools.mp import normalize
 
 #----------------------------------------------------------------------------
@@ -51,14 +51,14 @@ class Conv(torch.nn.Module):
         return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
 
 #----------------------------------------------------------------------------
-# Residual block with optional self-attention, shared by the encoder ('enc') and decoder ('dec').
+# Residual block with optional self-attention: ADM's block, the same in the encoder and the decoder.
 
 class Block(torch.nn.Module):
     def __init__(self,
         in_channels,                # Number of input channels.
         out_channels,               # Number of output channels.
         emb_channels,               # Number of embedding channels.
-        flavor          = "enc",    # 'enc' or 'dec'.
+        flavor          = "enc",    # 'enc' or 'dec' (ADM's block is the same in both).
         resample_mode   = "keep",   # 'keep', 'up' or 'down'.
         attention       = False,    # Include self-attention?
         channels_per_head = 64,     # Channels per attention head.
@@ -70,34 +70,31 @@ class Block(torch.nn.Module):
         self.resample_mode = resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout = dropout
-        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
-        self.conv_res0 = Conv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=(3, 3))
+        self.dropout_salt = 0  # set by the UNet: tells the blocks' dropout masks apart
+        self.conv_res0 = Conv(in_channels, out_channels, kernel=(3, 3))
         self.emb_linear = Conv(emb_channels, out_channels)
         self.conv_res1 = Conv(out_channels, out_channels, kernel=(3, 3))
         self.conv_skip = Conv(in_channels, out_channels, kernel=(1, 1)) if in_channels != out_channels else None
         self.attn_qkv = Conv(out_channels, out_channels * 3, kernel=(1, 1)) if self.num_heads else None
         self.attn_proj = Conv(out_channels, out_channels, kernel=(1, 1)) if self.num_heads else None
 
-    def forward(self, x, emb):
-        # Main branch.
-        x = resample(x, mode=self.resample_mode)
-        if self.flavor == "enc":
-            if self.conv_skip is not None:
-                x = self.conv_skip(x)
+    def forward(self, x, emb, dropout_keys=None):
         # Residual branch.
-        y = self.conv_res0(torch.nn.functional.silu(group_norm(x)))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = resample(torch.nn.functional.silu(group_norm(x)), mode=self.resample_mode)
+        y = self.conv_res0(y)
+        c = self.emb_linear(emb) + 1
         y = torch.nn.functional.silu(group_norm(y) * c[:, :, None, None].to(y.dtype))
         if self.training and self.dropout != 0:
-            y = torch.nn.functional.dropout(y, p=self.dropout)
+            y = sample_dropout(y, self.dropout, dropout_keys, self.dropout_salt)
         y = self.conv_res1(y)
-        # Connect the branches.
-        if self.flavor == "dec" and self.conv_skip is not None:
+        # Shortcut, and the plain residual sum of ADM.
+        x = resample(x, mode=self.resample_mode)
+        if self.conv_skip is not None:
             x = self.conv_skip(x)
-        x = (x + y) / np.sqrt(2)
+        x = x + y
         # Self-attention.
         if self.num_heads != 0:
             y = cosine_attention(self.attn_qkv(group_norm(x)), self.num_heads)
             y = self.attn_proj(y)
-            x = (x + y) / np.sqrt(2)
+            x = x + y
         return x.clamp(-CLIP_ACT, CLIP_ACT)

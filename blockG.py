@@ -1,10 +1,11 @@
-"""Layers of Config G (paper steps F+G): no group norms, pixel norm in the encoder, and
-magnitude-preserving fixed-function layers (mp_silu, mp_sum, mp_cat, MP Fourier, output gain)."""
+"""Layers of Config G (paper steps F+G): the official network's block, with no group norms and the
+1x1 conv plus pixel norm on the encoder's main path (F), magnitude-preserving fixed-function layers
+(mp_silu, mp_sum, MP Fourier) and a learned embedding gain (G)."""
 
 import numpy as np
 import torch
 
-from tools.layers import CLIP_ACT, cosine_attention, resample
+from tools.layers import CLIP_ACT, cosine_attention, resample, sample_dropout
 from tools.mp import mp_silu, mp_sum, normalize
 
 RES_BALANCE = 0.3     # mp_sum weight of the residual branch (paper step G).
@@ -75,6 +76,7 @@ class Block(torch.nn.Module):
         self.resample_mode = resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout = dropout
+        self.dropout_salt = 0  # set by the UNet: tells the blocks' dropout masks apart
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.conv_res0 = Conv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=(3, 3))
         self.emb_linear = Conv(emb_channels, out_channels)
@@ -83,7 +85,7 @@ class Block(torch.nn.Module):
         self.attn_qkv = Conv(out_channels, out_channels * 3, kernel=(1, 1)) if self.num_heads else None
         self.attn_proj = Conv(out_channels, out_channels, kernel=(1, 1)) if self.num_heads else None
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, dropout_keys=None):
         # Main branch.
         x = resample(x, mode=self.resample_mode)
         if self.flavor == "enc":
@@ -95,7 +97,7 @@ class Block(torch.nn.Module):
         c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None].to(y.dtype))
         if self.training and self.dropout != 0:
-            y = torch.nn.functional.dropout(y, p=self.dropout)
+            y = sample_dropout(y, self.dropout, dropout_keys, self.dropout_salt)
         y = self.conv_res1(y)
         # Connect the branches.
         if self.flavor == "dec" and self.conv_skip is not None:

@@ -30,7 +30,7 @@ from tools.edm import Denoiser
 from tools.ema import EMAs
 from tools.mp import force_weight_norm_
 from tools.sampler import SeedNoise, sample
-from tools.training import SIGMA_BUCKETS, epoch_order, learning_rate, seed_for, step_draws
+from tools.training import SIGMA_BUCKETS, epoch_order, learning_rate, step_draws
 
 RESUME_KEYS = ("unet", "network", "diffusion")  # sections that must match to resume a run
 RESUME_TRAIN_KEYS = ("seed", "batch_size")
@@ -173,9 +173,9 @@ def train(cfg, rank, world, device):
             perm, perm_epoch = epoch_order(seed, epoch, N, device), epoch
         # The global batch of this step, then this rank's slice of it.
         idx = perm[pos * B:(pos + 1) * B]
-        sigma, noise, flip, drop = step_draws(seed, step, B, images.shape[1:], D["P_mean"], D["P_std"], device)
+        sigma, noise, flip, drop, keys = step_draws(seed, step, B, images.shape[1:], D["P_mean"], D["P_std"], device)
         mine = slice(rank * batch_rank, (rank + 1) * batch_rank)
-        idx, sigma, noise, flip, drop = idx[mine], sigma[mine], noise[mine], flip[mine], drop[mine]
+        idx, sigma, noise, flip, drop, keys = idx[mine], sigma[mine], noise[mine], flip[mine], drop[mine], keys[mine]
         y = to_float(images[idx])
         if cfg["data"]["xflip"]:
             y = torch.where(flip[:, None, None, None], y.flip(3), y)
@@ -183,14 +183,13 @@ def train(cfg, rank, world, device):
         if cfg["data"]["use_labels"]:
             keep = (drop >= T["label_dropout"]).to(torch.float32)[:, None]
             class_labels = torch.nn.functional.one_hot(labels[idx], label_dim).to(torch.float32) * keep
-        torch.manual_seed(seed_for(seed, step, rank))  # dropout masks
 
         # Forward and backward over micro-batches; DDP all-reduces on the last one.
         for m in range(batch_rank // micro):
             ms = slice(m * micro, (m + 1) * micro)
             last = (m + 1) * micro == batch_rank
             with (model.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast(device, T["precision"]):
-                loss = model(y[ms], sigma[ms], noise[ms], None if class_labels is None else class_labels[ms])
+                loss = model(y[ms], sigma[ms], noise[ms], None if class_labels is None else class_labels[ms], keys[ms])
             scaler.scale(loss.sum() / batch_rank).backward()
             loss = loss.detach().to(torch.float64)
             acc[0] += loss.sum()

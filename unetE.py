@@ -1,4 +1,4 @@
-"""U-Net of Config E (paper steps D+E): the Config C skeleton built from magnitude-preserving learned layers."""
+"""U-Net of Config E (paper steps D+E): Config C's ADM skeleton built from magnitude-preserving learned layers."""
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ class UNet(torch.nn.Module):
         # Embedding.
         self.emb_fourier = Fourier(cnoise)
         self.emb_noise = Conv(cnoise, cemb)
+        self.emb_hidden = Conv(cemb, cemb)
         self.emb_label = Conv(label_dim, cemb) if label_dim else None
 
         # Encoder.
@@ -63,10 +64,12 @@ class UNet(torch.nn.Module):
                 cin, cout = cout + skips.pop(), channels
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="dec", attention=(res in attn_resolutions), **block_kwargs)
         self.out_conv = Conv(cout, img_channels, kernel=(3, 3))
+        for salt, block in enumerate(m for m in self.modules() if isinstance(m, Block)):
+            block.dropout_salt = salt
 
-    def forward(self, x, noise_labels, class_labels=None):
+    def forward(self, x, noise_labels, class_labels=None, dropout_keys=None):
         # Embedding.
-        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        emb = self.emb_hidden(torch.nn.functional.silu(self.emb_noise(self.emb_fourier(noise_labels))))
         if self.emb_label is not None:
             emb = emb + self.emb_label(class_labels * np.sqrt(class_labels.shape[1]))
         emb = torch.nn.functional.silu(emb)
@@ -75,12 +78,12 @@ class UNet(torch.nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if "conv" in name else block(x, emb)
+            x = block(x) if "conv" in name else block(x, emb, dropout_keys)
             skips.append(x)
 
         # Decoder.
         for name, block in self.dec.items():
             if "block" in name:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+            x = block(x, emb, dropout_keys)
         return self.out_conv(torch.nn.functional.silu(group_norm(x)))

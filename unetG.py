@@ -1,4 +1,5 @@
-"""U-Net of Config G (paper steps F+G): magnitude-preserving fixed-function layers throughout."""
+"""U-Net of Config G (paper steps F+G): one-layer noise embedding (F); mp_sum, mp_silu, mp_cat and a
+learned output gain (G)."""
 
 import numpy as np
 import torch
@@ -64,8 +65,10 @@ class UNet(torch.nn.Module):
                 cin, cout = cout + skips.pop(), channels
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="dec", attention=(res in attn_resolutions), **block_kwargs)
         self.out_conv = Conv(cout, img_channels, kernel=(3, 3))
+        for salt, block in enumerate(m for m in self.modules() if isinstance(m, Block)):
+            block.dropout_salt = salt
 
-    def forward(self, x, noise_labels, class_labels=None):
+    def forward(self, x, noise_labels, class_labels=None, dropout_keys=None):
         # Embedding.
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
@@ -76,12 +79,12 @@ class UNet(torch.nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if "conv" in name else block(x, emb)
+            x = block(x) if "conv" in name else block(x, emb, dropout_keys)
             skips.append(x)
 
         # Decoder.
         for name, block in self.dec.items():
             if "block" in name:
                 x = mp_cat(x, skips.pop(), t=CONCAT_BALANCE)
-            x = block(x, emb)
+            x = block(x, emb, dropout_keys)
         return self.out_conv(x, gain=self.out_gain)

@@ -1,4 +1,4 @@
-"""Properties of the C/E/G networks and the EDM wrapper (issue 2)."""
+"""Properties of the C/E/G networks and the EDM wrapper: magnitudes, parameter counts, dropout, loss head."""
 
 import ast
 import importlib
@@ -9,6 +9,8 @@ import torch
 
 from tools.config import build_edm, build_network, load_config
 from tools.data import load_dataset, to_float
+from tools.edm import EDMLoss
+from tools.layers import sample_dropout
 from tools.mp import force_weight_norm_
 
 SMALL = dict(img_resolution=32, img_channels=3, model_channels=32, channel_mult=[1, 2, 2, 2], num_blocks=2,
@@ -32,28 +34,60 @@ def block_rms(net, x, c_noise):
     return rows
 
 
-# G's fixed-function layers are magnitude preserving too, so every block sees and emits unit RMS up to
-# what the test network averages over (32-256 channels, 16 samples) and the correlation of the residual
-# branch with the main path at init: both move single blocks by at most ~25% (seen: 0.77 .. 1.00).
-# E has magnitude-preserving learned layers only: plain SiLU scales unit-Gaussian RMS by 0.596 and the
-# (x + y) / sqrt(2) residuals settle the main path near that value (seen: 0.45 .. 0.97).
-BANDS = {"G": (0.7, 1.3), "E": (0.4, 1.5)}
+# G's layers are all magnitude preserving, so every block sees and emits unit RMS up to what the test
+# network averages over (32-256 channels, 16 samples) and the correlation of the residual branch with
+# the main path at init: both move single blocks by at most ~25% (seen: 0.76 .. 1.08).
+G_BAND = (0.7, 1.3)
 
 
-@pytest.mark.parametrize("cfg", ["E", "G"])
-def test_block_magnitudes_at_init(cfg):
-    lo, hi = BANDS[cfg]
-    rows = block_rms(unet(cfg), torch.randn(16, 3, 32, 32), torch.randn(16))
+def test_G_block_magnitudes_at_init():
+    torch.manual_seed(0)
+    rows = block_rms(unet("G"), torch.randn(16, 3, 32, 32), torch.randn(16))
     assert len(rows) == 29
     for name, rms_in, rms_out in rows:
-        assert lo < rms_in < hi and lo < rms_out < hi, (cfg, name, rms_in, rms_out)
+        assert G_BAND[0] < rms_in < G_BAND[1] and G_BAND[0] < rms_out < G_BAND[1], (name, rms_in, rms_out)
 
 
-def test_config_C_is_not_magnitude_preserving():
-    """The G band is tight enough to tell: Config C leaves it (so the test above can fail)."""
-    lo, hi = BANDS["G"]
-    rows = block_rms(unet("C"), torch.randn(16, 3, 32, 32), torch.randn(16))
-    assert any(not (lo < r < hi) for _, _, r in rows)
+# C and E keep ADM's plain residual sums x + y (no 1/sqrt(2), no mp_sum): the paper makes the sums
+# magnitude preserving only in step G. So at init the main path's variance grows by the branch's
+# variance in every block, and the RMS roughly doubles from the input to the bottleneck (seen:
+# 0.95 -> 1.93 for both); group norms keep every branch's input at unit scale, so nothing explodes.
+@pytest.mark.parametrize("cfg", ["C", "E"])
+def test_C_E_residual_sums_add_variance(cfg):
+    torch.manual_seed(0)
+    net = unet(cfg).eval()
+    branch = {}
+    Block = importlib.import_module(f"block{cfg}").Block
+    plain = [name for name, b in net.enc.items() if isinstance(b, Block) and b.conv_skip is None and b.num_heads == 0
+             and b.resample_mode == "keep"]
+    assert len(plain) == 6
+    for name in plain:
+        net.enc[name].conv_res1.register_forward_hook(lambda m, i, o, name=name: branch.__setitem__(name, o.square().mean().sqrt().item()))
+    rows = block_rms(net, torch.randn(16, 3, 32, 32), torch.randn(16))
+    enc = {name: (a, b) for name, a, b in rows[1:len(net.enc)]}  # the encoder's blocks (rows[0] is its input conv)
+    for name in plain:  # identity shortcut: out^2 = in^2 + branch^2 for uncorrelated x and y (seen: within 4%)
+        rms_in, rms_out = enc[name]
+        assert rms_out == pytest.approx((rms_in ** 2 + branch[name] ** 2) ** 0.5, rel=0.08), name
+    first_in, bottleneck_out = rows[1][1], rows[len(net.enc) + 1][2]  # entering enc.32x32_block0, leaving dec.4x4_in1
+    assert 1.5 < bottleneck_out / first_in < 3, (first_in, bottleneck_out)
+
+
+@pytest.mark.parametrize("cfg", ["C", "E"])
+def test_learned_layer_magnitude(cfg):
+    """Step D: E's learned layers map unit-RMS inputs to unit-RMS outputs whatever the weights' norm (the
+    weight is normalised in the graph); C's He-initialised layers do so only at init and scale with the
+    weights, which is how their activations drift during training."""
+    torch.manual_seed(0)
+    conv = importlib.import_module(f"block{cfg}").Conv(256, 128, kernel=(3, 3))
+    x = torch.randn(8, 256, 16, 16)
+    rms = lambda t: t.square().mean().sqrt().item()
+    with torch.no_grad():
+        at_init = rms(conv(x))
+        conv.weight.mul_(7)
+        grown = rms(conv(x))
+    assert at_init == pytest.approx(1, abs=0.05)
+    expected = at_init if cfg == "E" else 7 * at_init
+    assert grown == pytest.approx(expected, rel=1e-3)  # E: up to the eps = 1e-4 of normalize()
 
 
 @pytest.mark.parametrize("cfg", ["E", "G"])
@@ -87,20 +121,37 @@ def test_G_output_is_c_skip_x_at_init():
     torch.testing.assert_close(edm.denoiser(x, sigma), c_skip.reshape(-1, 1, 1, 1) * x, rtol=0, atol=0)
 
 
-# (config file, reference parameter count), brief section 2: within 0.5%.
+# Reference parameter counts, each to be met within 0.01%: the paper's EDM2-S table for ImageNet-64 with
+# 1000 classes (C, D, E 277.8M; F, G 280.2M) and the small-data reference networks (CIFAR C/E 39.51M,
+# G 39.54M; Tiny-ImageNet C/E 62.41M, G 62.45M). A C or E network carrying step F's encoder blocks and
+# one-layer embedding (39.54M at CIFAR, 280.2M at EDM2-S) misses its count by 0.08% / 0.86%.
+EDM2_S = dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=192, channel_mult=[1, 2, 3, 4],
+              emb_channels=768, num_blocks=3, attn_resolutions=[16, 8])
 REFERENCE_COUNTS = [
     ("config/cifar10/C.yaml", 39.51e6), ("config/cifar10/E.yaml", 39.51e6), ("config/cifar10/G.yaml", 39.54e6),
-    ("config/cifar100/E.yaml", 39.51e6),
+    ("config/cifar100/C.yaml", 39.51e6), ("config/cifar100/E.yaml", 39.51e6), ("config/cifar100/G.yaml", 39.54e6),
     ("config/tinyimagenet/C.yaml", 62.41e6), ("config/tinyimagenet/E.yaml", 62.41e6), ("config/tinyimagenet/G.yaml", 62.45e6),
+    ("EDM2-S/C", 277.8e6), ("EDM2-S/E", 277.8e6), ("EDM2-S/G", 280.2e6),
 ]
+
+
+def count_parameters(path):
+    with torch.device("meta"):
+        net = unet(path[-1], **EDM2_S) if path.startswith("EDM2-S") else build_network(load_config(path))
+    return sum(p.numel() for p in net.parameters())
 
 
 @pytest.mark.parametrize("path,reference", REFERENCE_COUNTS)
 def test_parameter_counts(path, reference):
-    with torch.device("meta"):
-        net = build_network(load_config(path))
-    count = sum(p.numel() for p in net.parameters())
-    assert abs(count / reference - 1) < 0.005, count
+    count = count_parameters(path)
+    assert abs(count / reference - 1) < 1e-4, count
+
+
+def test_parameter_counts_exact():
+    """The exact integers behind the rounded references: the small-data reference C/E network has
+    39,509,888 parameters at CIFAR and 277,045,056 at EDM2-S without its 768 x 1000 class embedding."""
+    assert count_parameters("config/cifar10/C.yaml") == count_parameters("config/cifar10/E.yaml") == 39_509_888
+    assert count_parameters("EDM2-S/C") == count_parameters("EDM2-S/E") == 277_045_056 + 768 * 1000
 
 
 def test_parallel_files_share_names_and_signatures():
@@ -141,3 +192,48 @@ def test_loss_finite_and_decreasing_on_digits(cfg):
         force_weight_norm_(edm)
     after = fixed_loss()
     assert after < 0.8 * before, (before, after)
+
+
+def test_sample_dropout_mask_belongs_to_the_sample():
+    """A sample's mask is a function of its key and the layer's salt only, so splitting a batch over ranks
+    or micro-batches leaves every mask unchanged; the rate is p and kept values are scaled by 1/(1-p)."""
+    g = torch.Generator().manual_seed(0)
+    x, keys, p = torch.randn(64, 16, 8, 8, generator=g) + 3, torch.randint(2 ** 31, (64,), generator=g), 0.3
+    full = sample_dropout(x, p, keys, salt=5)
+    split = torch.cat([sample_dropout(x[i:i + 16], p, keys[i:i + 16], salt=5) for i in range(0, 64, 16)])
+    assert torch.equal(full, split)
+    kept = full != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.01  # 65,536 draws: 5 standard deviations
+    torch.testing.assert_close(full[kept], x[kept] / (1 - p), rtol=0, atol=0)
+    for other in (sample_dropout(x, p, keys, salt=6) != 0, sample_dropout(x, p, keys + 1, salt=5) != 0):
+        agree = (other == kept).float().mean().item()  # independent masks agree on (1-p)^2 + p^2 = 0.58
+        assert abs(agree - 0.58) < 0.01, agree
+
+
+@pytest.mark.parametrize("cfg", ["C", "E", "G"])
+def test_network_dropout_independent_of_batch_split(cfg):
+    torch.manual_seed(0)
+    net = unet(cfg, dropout=0.2).train()
+    for name, p in net.named_parameters():
+        if name.endswith("gain"):
+            p.data.fill_(1)
+    g = torch.Generator().manual_seed(1)
+    x, c, keys = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, generator=g), torch.randint(2 ** 31, (4,), generator=g)
+    with torch.no_grad():
+        full = net(x, c, None, keys)
+        halves = torch.cat([net(x[:2], c[:2], None, keys[:2]), net(x[2:], c[2:], None, keys[2:])])
+        other = net(x, c, None, keys + 1)
+    torch.testing.assert_close(halves, full)
+    assert (other - full).abs().max() > 100 * (halves - full).abs().max() + 1e-3  # the keys do set the masks
+
+
+def test_uncertainty_is_float32_under_autocast():
+    """u(sigma) leaves autocast: exp(u) scales every sample's loss, and bf16 would cost up to ~1%."""
+    loss = EDMLoss()
+    torch.nn.init.normal_(loss.logvar_linear.weight)
+    sigma = torch.logspace(-2, 1.9, 64)
+    reference = loss.uncertainty(sigma)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = loss.uncertainty(sigma)
+    assert u.dtype == torch.float32
+    torch.testing.assert_close(u, reference, rtol=0, atol=0)

@@ -16,8 +16,9 @@ from tools.posthoc import power_ema_beta, sigma_rel_to_gamma
 from tools.training import learning_rate
 
 # A smaller network and a larger batch than the digits default: 5 steps per epoch, seconds per run.
-FAST = ["network.model_channels=8", "train.batch_size=256", "train.grid_epochs=0", "train.log_steps=1",
-        "ema.snapshot_epochs=1", "train.checkpoint_epochs=1"]
+# Dropout on (the digits default is 0, every CIFAR config uses it), so resume and world-size tests cover its masks.
+FAST = ["network.model_channels=8", "network.dropout=0.1", "train.batch_size=256", "train.grid_epochs=0",
+        "train.log_steps=1", "ema.snapshot_epochs=1", "train.checkpoint_epochs=1"]
 
 
 def train(outdir, *overrides, config="config/digits/E.yaml", check=True):
@@ -67,7 +68,7 @@ def test_exact_resume(one_go, tmp_path, config):
 
 
 def test_world_size_two_matches_one(one_go, tmp_path):
-    """The same global batch split over 2 gloo ranks gives the same loss curve (dropout off in the digits config)."""
+    """The same global batch split over 2 gloo ranks gives the same loss curve, dropout masks included."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py",
            "--config", "config/digits/E.yaml", "--outdir", str(tmp_path), *FAST, "train.epochs=3"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -17,7 +17,7 @@ class Denoiser(torch.nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def forward(self, x, sigma, class_labels=None):
+    def forward(self, x, sigma, class_labels=None, dropout_keys=None):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).broadcast_to(x.shape[:1]).reshape(-1, 1, 1, 1)
         sd = self.sigma_data
@@ -25,7 +25,7 @@ class Denoiser(torch.nn.Module):
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
         c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
         c_noise = sigma.log().flatten() / 4
-        F_x = self.net(c_in * x, c_noise, class_labels)
+        F_x = self.net(c_in * x, c_noise, class_labels, dropout_keys)
         return c_skip * x + c_out * F_x.to(torch.float32)
 
 
@@ -54,15 +54,17 @@ class EDMLoss(torch.nn.Module):
         return (torch.randn(n, generator=generator, device=device) * self.P_std + self.P_mean).exp()
 
     def uncertainty(self, sigma):
-        """u(sigma), the learned log-variance of the loss at noise level sigma (per sample)."""
-        c_noise = sigma.to(torch.float32).log().flatten() / 4
-        features = np.sqrt(2) * torch.cos(c_noise.ger(self.logvar_freqs) + self.logvar_phases)
-        return self.logvar_linear(features).flatten()
+        """u(sigma), the learned log-variance of the loss at noise level sigma (per sample), in float32
+        even under autocast: a bf16 u would be off by up to ~1% in exp(u)."""
+        with torch.autocast(sigma.device.type, enabled=False):
+            c_noise = sigma.to(torch.float32).log().flatten() / 4
+            features = np.sqrt(2) * torch.cos(c_noise.ger(self.logvar_freqs) + self.logvar_phases)
+            return self.logvar_linear(features).flatten()
 
-    def forward(self, denoiser, images, sigma, noise, class_labels=None):
+    def forward(self, denoiser, images, sigma, noise, class_labels=None, dropout_keys=None):
         """Per-sample loss, [N]: the mean over C*H*W of the weighted per-element loss."""
         sigma4 = sigma.reshape(-1, 1, 1, 1)
-        denoised = denoiser(images + noise * sigma4, sigma, class_labels)
+        denoised = denoiser(images + noise * sigma4, sigma, class_labels, dropout_keys)
         weight = (sigma4 ** 2 + self.sigma_data ** 2) / (sigma4 * self.sigma_data) ** 2
         loss = (weight * (denoised - images) ** 2).mean(dim=(1, 2, 3))
         if self.weighting == "uncertainty":
@@ -83,5 +85,6 @@ class EDM(torch.nn.Module):
     def net(self):
         return self.denoiser.net
 
-    def forward(self, images, sigma, noise, class_labels=None):
-        return self.loss(self.denoiser, images, sigma, noise, class_labels)
+    def forward(self, images, sigma, noise, class_labels=None, dropout_keys=None):
+        """Per-sample loss [N]; dropout_keys (int64 [N], tools.training.step_draws) fix the dropout masks."""
+        return self.loss(self.denoiser, images, sigma, noise, class_labels, dropout_keys)

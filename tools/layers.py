@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from tools.mp import normalize
 
 CLIP_ACT = 256  # Activations are clamped to [-CLIP_ACT, CLIP_ACT] after each block (fp16 safeguard).
+_MASK32 = 0xFFFFFFFF
 
 
 def resample(x, mode="keep"):
@@ -39,3 +40,25 @@ def group_norm(x, num_groups=32, min_channels_per_group=4):
     while C % groups:
         groups -= 1
     return normalize(x.reshape(N, groups, -1, H, W), dim=(2, 3, 4)).reshape(N, C, H, W)
+
+
+def _hash32(x):
+    """A 32-bit integer hash (two multiply-xorshift rounds) of int64 values in [0, 2^32); products stay below 2^59."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def sample_dropout(x, p, keys, salt):
+    """Dropout whose mask is a pure function of (keys[i], salt, element index) for sample i.
+
+    keys: int64 [N], one per sample, drawn for the global batch (tools.training.step_draws), so a
+    sample's mask is the same whatever the number of ranks or micro-batches; salt tells the layers
+    apart. keys=None falls back to torch's dropout (masks from the global RNG).
+    """
+    if keys is None:
+        return F.dropout(x, p=p)
+    idx = _hash32(torch.arange(x[0].numel(), device=x.device, dtype=torch.int64))
+    key = _hash32((keys.to(device=x.device, dtype=torch.int64) + salt * 0x9E3779B9) & _MASK32)
+    keep = _hash32(key[:, None] ^ idx[None, :]) >= round(p * 2 ** 32)
+    return torch.where(keep.reshape(x.shape), x / (1 - p), 0)

@@ -32,10 +32,12 @@ def epoch_order(seed, epoch, num_images, device):
 
 
 def step_draws(seed, step, batch_size, image_shape, P_mean, P_std, device):
-    """(sigma [B], noise [B, C, H, W], flip [B] bool, label-dropout draw [B] in [0, 1)) for the global batch of `step`."""
+    """(sigma [B], noise [B, C, H, W], flip [B] bool, label-dropout draw [B] in [0, 1), dropout key [B] int64)
+    for the global batch of `step`; the key fixes each sample's dropout masks (tools.layers.sample_dropout)."""
     g = torch.Generator(device).manual_seed(seed_for(seed, step, 0x5EED))
     sigma = (torch.randn(batch_size, generator=g, device=device) * P_std + P_mean).exp()
     noise = torch.randn((batch_size, *image_shape), generator=g, device=device)
     flip = torch.rand(batch_size, generator=g, device=device) < 0.5
     drop = torch.rand(batch_size, generator=g, device=device)
-    return sigma, noise, flip, drop
+    dropout_keys = torch.randint(2 ** 31, (batch_size,), generator=g, device=device)
+    return sigma, noise, flip, drop, dropout_keys
