@@ -16,20 +16,28 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 # The main job on the bundled digits: train Config E (~3 min on 2 CPU cores), sample 1,000 images and
-# score them (FID/KID when Inception weights are available), then the linear probe.
+# score them offline (FD/KID/precision/recall with the dataset classifier, memorisation), then the linear probe.
 demo: $(VENV)/.installed
 	$(PY) train.py --config config/digits/E.yaml --outdir $(RUN)/E
-	$(PY) sample.py --config config/digits/E.yaml --outdir $(RUN)/E --seeds 0-999 --fid auto
+	$(PY) sample.py --config config/digits/E.yaml --outdir $(RUN)/E --seeds 0-999 --score
 	$(PY) probe.py --config config/digits/E.yaml --outdir $(RUN)/E
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUN)/E/tensorboard"
 
-# C, E and G side by side on digits (~8 min on 2 CPU cores): train, sample, probe, post-hoc EMA sweep, table and plots.
+# C, E and G side by side on digits (~26 min on 2 CPU cores): each config trains CMP_EPOCHS epochs; the
+# classic-EMA samples are scored at three checkpoints (CMP_IMAGES samples = 4 seed blocks each), then the
+# probe and a post-hoc EMA sweep at the end; tools/compare.py ranks the runs with their spreads.
+CMP_EPOCHS := 30
+CMP_EVERY  := 10
+CMP_IMAGES := 1000
 compare-demo: $(VENV)/.installed
 	for c in C E G; do \
-	  $(PY) train.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c train.epochs=10 && \
-	  $(PY) sample.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c --seeds 0-499 --fid auto && \
+	  $(PY) train.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c train.epochs=$(CMP_EPOCHS) \
+	    train.checkpoint_epochs=$(CMP_EVERY) train.keep_checkpoints=0 train.grid_epochs=$(CMP_EVERY) && \
+	  for e in $$(seq $(CMP_EVERY) $(CMP_EVERY) $(CMP_EPOCHS)); do \
+	    $(PY) sample.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c --epoch $$e --seeds 0-$$(($(CMP_IMAGES) - 1)) --score || exit 1; \
+	  done && \
 	  $(PY) probe.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c && \
-	  $(PY) tools/ema_sweep.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c --sigma-rels 0.05,0.10,0.15 --num-images 500 \
+	  $(PY) tools/ema_sweep.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c --sigma-rels 0.05,0.10,0.15 --num-images $(CMP_IMAGES) \
 	  || exit 1; \
 	done
 	$(PY) tools/compare.py $(CMP)/C $(CMP)/E $(CMP)/G --out $(CMP)/compare

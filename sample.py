@@ -1,7 +1,12 @@
 """Generate images from a trained run, one PNG per seed, spread over ranks; optionally score them.
 
     torchrun --nproc_per_node=N sample.py --config config/cifar10/E.yaml --epoch 1999 [--fid REF.npz]
-    python sample.py --config config/digits/E.yaml --outdir runs/demo/E --seeds 0-999
+    python sample.py --config config/digits/E.yaml --outdir runs/demo/E --seeds 0-999 --score
+
+--score measures the samples' quality against the dataset (FD, KID, precision, recall, class coverage,
+memorisation; tools/quality.py) with the dataset classifier (no download; the default for digits) or
+Inception (--metric-features inception; the default for CIFAR and Tiny-ImageNet). --fid is Inception
+FID/KID against given reference statistics.
 
 Image k depends only on seed k and the weights (one generator per seed), not on the rank count or
 batch size. Interrupted runs continue where they stopped: existing PNGs are kept.
@@ -21,6 +26,7 @@ from tools.cli import UserError, run_main
 from tools.config import load_config
 from tools.data import to_uint8
 from tools.edm import Denoiser
+from tools.quality import default_extractor
 from tools.sampler import SAMPLERS, SeedNoise, sample
 
 STOCHASTIC = ("S_churn", "S_min", "S_max", "S_noise")
@@ -53,6 +59,10 @@ def parse_args():
     p.add_argument("--out", help="output folder (default: OUTDIR/samples/epoch_<N>-<ema>-<sampler><steps>)")
     p.add_argument("--fid", metavar="REF.npz", help="score the samples against these reference statistics; 'auto' = the "
                    "config's training split, computed once into DATA_ROOT/fid-refs/")
+    p.add_argument("--score", action="store_true", help="quality metrics of the samples (tools/quality.py), mean +- std over seed blocks")
+    p.add_argument("--metric-features", choices=("classifier", "inception"),
+                   help="features for --score: the dataset classifier (no download) or Inception (default: per dataset)")
+    p.add_argument("--score-blocks", type=int, default=4, help="disjoint seed blocks for the spread of --score (default 4)")
     p.add_argument("--inception-weights", help="local pt_inception-2015-12-05 weights (or set FID_INCEPTION_WEIGHTS)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -129,28 +139,50 @@ def main():
     if rank == 0:
         grid = write_grid(out, seeds)
         print(f"samples: {out}" + (f"\ngrid: {grid}" if grid else ""), flush=True)
+        run = dict(epoch=info["epoch"], kimg=info["t_img"] / 1000, ema=S["ema"], sampler=S["sampler"], steps=S["steps"], samples=out)
+        if args.score:
+            score_quality(cfg, out, seeds, args, device, outdir, run)
         if args.fid:
-            score(cfg, out, args.fid, args.inception_weights, device, outdir, info, S)
+            score_fid(cfg, out, args.fid, args.inception_weights, device, outdir, run)
     dist.shutdown()
 
 
-def score(cfg, out, ref, weights, device, outdir, info, S):
+def append_metrics(outdir, row):
+    with open(os.path.join(outdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def score_quality(cfg, out, seeds, args, device, outdir, run):
+    from tools.quality import format_line, score_samples
+    from tools.fid import inception_weights_or_none
+    extractor = args.metric_features or default_extractor(cfg)
+    weights = inception_weights_or_none(args.inception_weights) if extractor == "inception" else None
+    if extractor == "inception" and weights is None:
+        return
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(image_path(out, s))) for s in seeds]))
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    result = score_samples(cfg, images, extractor, device, blocks=args.score_blocks, out_dir=out, inception_weights=weights)
+    result.update(run, kind="quality")
+    atomic_write(os.path.join(out, "quality.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    append_metrics(outdir, result)
+    print(f"quality ({extractor}): {format_line(result)}", flush=True)
+    if "classifier_test_accuracy" in result:
+        print(f"  dataset classifier test accuracy {100 * result['classifier_test_accuracy']:.2f}%; "
+              f"nearest training images: {result['nearest_pairs']}", flush=True)
+
+
+def score_fid(cfg, out, ref, weights, device, outdir, run):
     from tools import fid
-    if fid.find_inception_weights(weights) is None:
-        print("scoring skipped: no Inception weights (pass --inception-weights or set FID_INCEPTION_WEIGHTS; see docs/METRICS.md)", flush=True)
+    weights = fid.inception_weights_or_none(weights)
+    if weights is None:
         return
     if ref == "auto":
-        d, n = cfg["data"], cfg["network"]
-        ref = os.path.join(d["root"], "fid-refs", f"{d['dataset']}-{n['img_resolution']}.npz")
-        if not os.path.exists(ref):
-            print(f"reference statistics: computing {ref} from the training split", flush=True)
-            fid.compute_reference(cfg, ref, weights_path=weights, device=device)
+        ref = fid.auto_reference(cfg, weights, device)
     result = fid.score_folder(out, ref, weights_path=weights, device=device)
-    result.update(epoch=info["epoch"], kimg=info["t_img"] / 1000, ema=S["ema"], sampler=S["sampler"], steps=S["steps"], samples=out)
+    result.update(run)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(outdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(result) + "\n")
+    append_metrics(outdir, result)
     print(f"fid: {result['fid']:.4f}  kid: {result['kid_mean']:.5f} +- {result['kid_std']:.5f}  ({result['count']} images)", flush=True)
 
 

@@ -31,3 +31,9 @@ def trained_digits_run(tmp_path_factory):
     run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", outdir, "train.epochs=4", "train.grid_epochs=0",
                "train.checkpoint_epochs=2")
     return outdir
+
+
+@pytest.fixture(scope="session")
+def metric_data_root(tmp_path_factory):
+    """A data.root shared by the tests that score samples, so the digits classifier trains once (~20 s)."""
+    return str(tmp_path_factory.mktemp("data"))

@@ -1,4 +1,4 @@
-"""Post-hoc EMA on a real training run, the EMA sweep and the run comparison (issue 6)."""
+"""Post-hoc EMA on a real training run, the EMA sweep and the honest run comparison."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import run_script
+from tools.config import dump, load_config
 from tools.posthoc import list_snapshots, reconstruct
 
 FAST = ["network.model_channels=8", "train.batch_size=128", "train.grid_epochs=0", "train.checkpoint_epochs=2",
@@ -46,18 +47,47 @@ def test_reconstruction_matches_directly_tracked_ema(three_ema_run, tmp_path):
 
 def test_sweep_and_compare(three_ema_run, tmp_path):
     run_script("tools/ema_sweep.py", "--config", str(three_ema_run / "config.yaml"), "--outdir", str(three_ema_run),
-               "--sigma-rels", "0.05,0.15")
+               "--sigma-rels", "0.05,0.15", "--num-images", "120")
     rows = json.load(open(three_ema_run / "ema_sweep_epoch_6.json"))
     assert [r["sigma_rel"] for r in rows] == [0.05, 0.15]
     assert all(r["probe_acc"] > 30 for r in rows)  # 10 classes: chance is 10%
+    assert all(r["fd_name"] == "FD_classifier" and r["count"] == 120 and r["fd_std"] > 0 for r in rows)
     with open(three_ema_run / "metrics.jsonl", "a") as f:  # a line cut short by a killed process is tolerated
         f.write('{"epoch": 6, "fi')
     proc = run_script("tools/compare.py", str(three_ema_run), "--out", str(tmp_path / "cmp"))
-    row = [line for line in proc.stdout.splitlines() if line.startswith(f"| {three_ema_run.name} ")]
-    assert len(row) == 1 and "| E | 0.08M |" in row[0] and "(by probe)" in row[0]
-    assert (tmp_path / "cmp" / "compare.md").exists() and (tmp_path / "cmp" / "probe_vs_sigma_rel.png").exists()
+    row = [line for line in proc.stdout.splitlines() if f"| {three_ema_run.name} |" in line]
+    assert len(row) == 1 and "| E | 0.08M |" in row[0] and "(best of 2 by FD_classifier)" in row[0], proc.stdout
+    assert "chosen on held-out train" in proc.stdout and " +- " in row[0]
+    for name in ("compare.md", "FD_classifier_vs_sigma_rel.png", "probe_vs_sigma_rel.png"):
+        assert (tmp_path / "cmp" / name).exists(), name
 
 
-def test_compare_rejects_a_non_run(tmp_path):
-    proc = run_script("tools/compare.py", str(tmp_path), check=False)
-    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+def quality_row(run, fd, std, count=2000, blocks=4):
+    return dict(kind="quality", epoch=10, kimg=14.1, ema="classic", count=count, blocks=blocks, block_size=count // blocks,
+                FD_classifier=fd, FD_classifier_std=std, KID=0.01, KID_std=0.001, precision=0.8, precision_std=0.01,
+                recall=0.7, recall_std=0.01, memorised_fraction=0.0, memorised_fraction_std=0.0)
+
+
+def fake_run(root, name, unet, *quality):
+    d = root / name
+    d.mkdir()
+    cfg = load_config(f"config/digits/{unet}.yaml")
+    (d / "config.yaml").write_text(dump(cfg))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(q) + "\n" for q in quality))
+    return str(d)
+
+
+def test_compare_ranks_with_ties_and_never_mixes_sample_counts(tmp_path):
+    """Runs within the combined spread of the best share its rank; a run scored on another sample count
+    gets its own table instead of a rank in the first."""
+    runs = [fake_run(tmp_path, "a", "C", quality_row("a", 5.0, 0.2)),
+            fake_run(tmp_path, "b", "E", quality_row("b", 5.1, 0.2)),     # within sqrt(0.2^2 + 0.2^2) of a: tie
+            fake_run(tmp_path, "c", "G", quality_row("c", 7.0, 0.2)),     # clearly worse
+            fake_run(tmp_path, "d", "E", quality_row("d", 1.0, 0.1, count=500))]
+    proc = run_script("tools/compare.py", *runs, "--out", str(tmp_path / "cmp"))
+    tables = proc.stdout.split("Quality:")[1:]
+    assert len(tables) == 2 and "2000 samples per run" in tables[0] and "500 samples per run" in tables[1]
+    rank = {line.split("|")[2].strip(): line.split("|")[1].strip() for line in tables[0].splitlines()
+            if line.startswith("| ") and not line.startswith("| rank")}
+    assert rank == {"a": "1=", "b": "1=", "c": "3", "d": "-"}, rank
+    assert "5.000 +- 0.200" in tables[0] and "1.000 +- 0.100" in tables[1]

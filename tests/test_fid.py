@@ -266,3 +266,24 @@ def test_missing_weights_say_how_to_supply_them(tmp_path, monkeypatch):
     proc = run_script("tools/fid.py", "ref", "--config", "config/digits/E.yaml", "--out", str(tmp_path / "ref.npz"),
                       env={"TORCH_HOME": str(tmp_path / "empty"), "FID_INCEPTION_WEIGHTS": ""}, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: scoring needs") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_weights_are_downloaded_when_online_and_explained_when_offline(tmp_path, monkeypatch, capsys):
+    """As pytorch-fid does, a missing weights file is fetched into the torch hub cache (here from a file:// URL
+    standing in for the release URL, its sha256 prefix checked); offline, one line says how to provide it."""
+    import hashlib
+    monkeypatch.delenv("FID_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    release = tmp_path / "release.pth"
+    release.write_bytes(b"weights")
+    monkeypatch.setattr(fid, "WEIGHTS_URL", release.as_uri())
+    monkeypatch.setattr(fid, "WEIGHTS_SHA256_PREFIX", hashlib.sha256(b"weights").hexdigest()[:8])
+    path = fid.inception_weights_or_none()
+    assert path == str(tmp_path / "torch" / "hub" / "checkpoints" / fid.WEIGHTS_FILE)
+    assert open(path, "rb").read() == b"weights" and fid.find_inception_weights() == path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "offline"))
+    monkeypatch.setattr(fid, "WEIGHTS_URL", (tmp_path / "unreachable.pth").as_uri())
+    assert fid.inception_weights_or_none() is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "--inception-weights" in lines[0] and "FID_INCEPTION_WEIGHTS" in lines[0]

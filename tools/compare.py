@@ -3,13 +3,19 @@
     python tools/compare.py runs/cifar10-C runs/cifar10-E runs/cifar10-G [--out runs/cifar10-compare]
 
 Inputs are only what runs already write, so runs trained on different machines compare alike:
-config.yaml, metrics.jsonl (training rows; FID rows from sample.py --fid), checkpoints/*.probe.json
+config.yaml, metrics.jsonl (training rows; quality rows from sample.py --score), checkpoints/*.probe.json
 (probe.py) and ema_sweep_epoch_*.json (tools/ema_sweep.py).
+
+Honest by construction: quality is taken at the newest scored epoch with each run's own EMA (nothing
+selected), every figure carries its spread and sample count, a column never mixes sample counts or
+extractors, runs within each other's spread share a rank, and the probe result is the one chosen on
+held-out training data (its test accuracy is reported, never maximised).
 """
 
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,8 +48,18 @@ def read_probe_results(outdir):
     return rows
 
 
+def probe_row(probes):
+    """The probe result chosen on held-out training data (never on the test split), with its spread: the
+    binomial standard error of a test accuracy on num_test images."""
+    if not probes:
+        return None
+    best = max(probes, key=lambda r: (r.get("holdout_accuracy_pct", float("-inf")), r["epoch"]))
+    p = best["test_accuracy_pct"] / 100
+    return dict(best, std=100 * math.sqrt(p * (1 - p) / best["num_test"]), of=len(probes))
+
+
 def summarize(outdir):
-    """One table row: what the run is, how fast it trained, and its best numbers."""
+    """One table row: what the run is, how fast it trained, and its quality and probe figures."""
     cfg_path = os.path.join(outdir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise UserError(f"{outdir} is not a run directory (no config.yaml)")
@@ -55,40 +71,80 @@ def summarize(outdir):
         params = sum(p.numel() for p in build_network(cfg).parameters())
     metrics = read_jsonl(os.path.join(outdir, "metrics.jsonl"))
     train_rows = [r for r in metrics if "img_per_s" in r]
-    fids = [r for r in metrics if "fid" in r]
-    probes = read_probe_results(outdir)
+    quality = [r for r in metrics if r.get("kind") == "quality"]
     sweeps = []
     for path in glob.glob(os.path.join(outdir, "ema_sweep_epoch_*.json")):
         with open(path) as f:
             sweeps += json.load(f)
     row = dict(run=os.path.basename(os.path.normpath(outdir)), outdir=outdir, config=cfg["unet"][4:-3],
-               dataset=cfg["data"]["dataset"], params_M=params / 1e6,
+               dataset=cfg["data"]["dataset"], params_M=params / 1e6, ema=cfg["sample"]["ema"],
                img_per_s=statistics.median(r["img_per_s"] for r in train_rows[1:] or train_rows) if train_rows else None,
-               kimg=max((r["kimg"] for r in train_rows), default=0.0), fids=fids, probes=probes, sweeps=sweeps)
-    if fids:
-        best = min(fids, key=lambda r: r["fid"])
-        row.update(best_fid=best["fid"], best_fid_at=f"epoch {best['epoch']}, {best['ema']}")
-    if probes:
-        best = max(probes, key=lambda r: r["test_accuracy_pct"])
-        row.update(best_probe=best["test_accuracy_pct"], best_probe_at=f"epoch {best['epoch']}, {best['block']} @ sigma={best['sigma']:g}, {best['ema']}")
-    by = "fid" if any("fid" in s for s in sweeps) else "probe_acc"
-    scored = [s for s in sweeps if by in s]
+               kimg=max((r["kimg"] for r in train_rows), default=0.0), quality=quality, sweeps=sweeps,
+               fids=[r for r in metrics if "fid" in r], probes=read_probe_results(outdir))
+    # Quality at the newest scored epoch with the config's own EMA: nothing is selected.
+    own = [q for q in quality if q["ema"] == row["ema"]]
+    if own:
+        row["final_quality"] = max(own, key=lambda q: (q["epoch"], q["count"]))
+    row["probe"] = probe_row(row["probes"])
+    scored = [s for s in sweeps if "fd" in s]
     if scored:
-        best = (min if by == "fid" else max)(scored, key=lambda s: s[by])
-        row["best_sigma_rel"] = f"{best['sigma_rel']:g} (by {'FID' if by == 'fid' else 'probe'})"
+        best = min(scored, key=lambda s: s["fd"])
+        row["best_sigma_rel"] = f"{best['sigma_rel']:g} (best of {len(scored)} by {best['fd_name']})"
     return row
 
 
+def fd_key(q):
+    return next(k for k in q if k.startswith("FD_") and not k.endswith("_std"))
+
+
+def rank(values):
+    """Competition ranks by mean (lower is better) where a run within the combined spread
+    sqrt(std_a^2 + std_b^2) of the best run of its group ties with it: ['1', '2=', '2='] and so on."""
+    order = sorted(range(len(values)), key=lambda i: values[i][0])
+    ranks, group_best, place = [None] * len(values), None, 0
+    for pos, i in enumerate(order):
+        m, s = values[i]
+        if group_best is None or m - values[group_best][0] > math.hypot(s, values[group_best][1]):
+            group_best, place = i, pos + 1
+        ranks[i] = place
+    return [f"{r}=" if ranks.count(r) > 1 else str(r) for r in ranks]
+
+
 def table(rows):
+    """Markdown table. Quality figures are mean +- std over seed blocks at the newest scored epoch with
+    each run's own EMA; a column holds one extractor and one sample count only."""
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    lines = ["| run | config | params | train img/s | kimg | best FID (where) | best probe % (where) | best sigma_rel |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['config']} | {r['params_M']:.2f}M | {fmt(r['img_per_s'], '.0f')} | {r['kimg']:.1f} | "
-                     f"{fmt(r.get('best_fid'), '.2f')}{' (' + r['best_fid_at'] + ')' if 'best_fid' in r else ''} | "
-                     f"{fmt(r.get('best_probe'), '.2f')}{' (' + r['best_probe_at'] + ')' if 'best_probe' in r else ''} | "
-                     f"{r.get('best_sigma_rel', '-')} |")
-    return "\n".join(lines)
+    pm = lambda q, k, spec: f"{format(q[k], spec)} +- {format(q[k + '_std'], spec)}"
+    scored = [r for r in rows if "final_quality" in r]
+    kinds = sorted({(fd_key(r["final_quality"]), r["final_quality"]["count"], r["final_quality"]["block_size"]) for r in scored},
+                   key=lambda k: -sum((fd_key(r["final_quality"]), r["final_quality"]["count"], r["final_quality"]["block_size"]) == k
+                                     for r in scored))
+    lines = []
+    for kind in kinds or [None]:
+        same = [r for r in rows if "final_quality" in r and kind == (fd_key(r["final_quality"]), r["final_quality"]["count"],
+                                                                        r["final_quality"]["block_size"])]
+        if kind is None:
+            lines.append("(no quality rows: run sample.py --score)")
+            same = []
+        else:
+            name, count, block = kind
+            lines.append(f"Quality: {count} samples per run, mean +- std over {count // block} seed blocks of {block}; "
+                         f"rank by {name}, ties within the combined spread.")
+        ranks = rank([(r["final_quality"][kind[0]], r["final_quality"][kind[0] + "_std"]) for r in same]) if same else []
+        lines += ["", f"| rank | run | config | params | train img/s | kimg | {kind[0] if kind else 'FD'} | KID | precision | recall | "
+                  f"memorised % | probe test % (chosen on held-out train, of N) | best sigma_rel |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: int(ranks[same.index(r)].rstrip("=")) if r in same else 10 ** 9):
+            q = r.get("final_quality") if r in same else None
+            cells = ["-"] * 5 if q is None else [pm(q, kind[0], ".3f"), pm(q, "KID", ".4f"), pm(q, "precision", ".3f"),
+                                                 pm(q, "recall", ".3f"), f"{100 * q['memorised_fraction']:.1f} +- {100 * q['memorised_fraction_std']:.1f}"]
+            pr = r["probe"]
+            probe = "-" if pr is None else (f"{pr['test_accuracy_pct']:.2f} +- {pr['std']:.2f} (n={pr['num_test']}; "
+                                            f"{pr['block']} @ sigma={pr['sigma']:g}, {pr['ema']}, epoch {pr['epoch']}; of {pr['of']})")
+            lines.append(f"| {ranks[same.index(r)] if r in same else '-'} | {r['run']} | {r['config']} | {r['params_M']:.2f}M | "
+                         f"{fmt(r['img_per_s'], '.0f')} | {r['kimg']:.1f} | " + " | ".join(cells) + f" | {probe} | {r.get('best_sigma_rel', '-')} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def plots(rows, out):
@@ -103,7 +159,8 @@ def plots(rows, out):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for label, pts in series:
             if pts:
-                ax.plot(*zip(*sorted(pts)), "o-", label=label)
+                x, y, err = zip(*sorted(pts))
+                ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -115,13 +172,17 @@ def plots(rows, out):
         written.append(path)
 
     label = lambda r: f"{r['run']} ({r['config']})"
-    figure("fid_vs_epoch.png", [(label(r), [(f["epoch"], f["fid"]) for f in r["fids"] if f.get("ema") == "classic"]) for r in rows],
-           "epoch", "FID (classic EMA)")
-    figure("probe_vs_epoch.png", [(label(r), [(p["epoch"], p["test_accuracy_pct"]) for p in r["probes"] if p.get("ema") == "classic"])
-                                  for r in rows], "epoch", "probe test accuracy % (classic EMA)")
-    figure("fid_vs_sigma_rel.png", [(label(r), [(s["sigma_rel"], s["fid"]) for s in r["sweeps"] if "fid" in s]) for r in rows],
-           "sigma_rel", "FID (post-hoc EMA)")
-    figure("probe_vs_sigma_rel.png", [(label(r), [(s["sigma_rel"], s["probe_acc"]) for s in r["sweeps"] if "probe_acc" in s])
+    own = lambda r: [q for q in r["quality"] if q["ema"] == r["ema"]]
+    names = sorted({fd_key(q) for r in rows for q in r["quality"]})
+    for name in names:
+        figure(f"{name}_vs_kimg.png", [(label(r), [(q["kimg"], q[name], q[name + "_std"]) for q in own(r) if name in q]) for r in rows],
+               "training images (k)", f"{name} (mean +- std over seed blocks)")
+        figure(f"{name}_vs_sigma_rel.png", [(label(r), [(s["sigma_rel"], s["fd"], s["fd_std"]) for s in r["sweeps"]
+                                                        if s.get("fd_name") == name]) for r in rows],
+               "sigma_rel", f"{name} (post-hoc EMA)")
+    figure("probe_vs_kimg.png", [(label(r), [(p["kimg"], p["test_accuracy_pct"], 0) for p in r["probes"] if p.get("ema") == r["ema"]])
+                                 for r in rows], "training images (k)", f"probe test accuracy %")
+    figure("probe_vs_sigma_rel.png", [(label(r), [(s["sigma_rel"], s["probe_acc"], 0) for s in r["sweeps"] if "probe_acc" in s])
                                       for r in rows], "sigma_rel", "probe test accuracy % (post-hoc EMA)")
     return written
 
@@ -136,9 +197,9 @@ def main():
     os.makedirs(out, exist_ok=True)
     text = table(rows)
     with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write(text + "\n")
+        f.write(text)
     written = plots(rows, out)
-    print(text)
+    print(text, end="")
     print(f"written: {os.path.join(out, 'compare.md')}" + "".join(f", {w}" for w in written))
 
 

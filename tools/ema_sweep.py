@@ -2,9 +2,11 @@
 
     python tools/ema_sweep.py --config config/digits/E.yaml --outdir runs/demo/E --sigma-rels 0.03,0.05,0.075,0.1,0.15
 
-Each sigma_rel is sampled and scored by sample.py (FID/KID, when Inception weights are available) and
-probed by probe.py, with `--ema sigma_rel=X`; the rows land in the run's metrics.jsonl and probe JSON
-files as usual, and this script gathers them into OUTDIR/ema_sweep_epoch_<N>.{json,png}.
+Each sigma_rel is sampled and scored by sample.py --score (FD, KID, precision and recall with the
+dataset's default features, or --metric-features) and probed by probe.py, with `--ema sigma_rel=X`;
+the rows land in the run's metrics.jsonl and probe JSON files as usual, and this script gathers them
+into OUTDIR/ema_sweep_epoch_<N>.{json,png}. The curve chooses nothing: the best point of N is for
+the reader, and compare.py labels it "best of N".
 """
 
 import argparse
@@ -28,8 +30,8 @@ def parse_args():
     p.add_argument("--outdir", help="the run directory (default: train.outdir of the config)")
     p.add_argument("--epoch", type=int, help="checkpoint whose time the reconstructions target (default: newest)")
     p.add_argument("--sigma-rels", default="0.03,0.05,0.075,0.10,0.15,0.20")
-    p.add_argument("--num-images", type=int, default=1000, help="samples per sigma_rel for FID/KID")
-    p.add_argument("--fid", default="auto", help="reference statistics for sample.py --fid (default: auto)")
+    p.add_argument("--num-images", type=int, default=1000, help="samples per sigma_rel for the quality metrics")
+    p.add_argument("--metric-features", choices=("classifier", "inception"), help="features for the metrics (default: per dataset)")
     p.add_argument("--inception-weights")
     p.add_argument("--no-probe", action="store_true")
     return p.parse_args()
@@ -50,29 +52,28 @@ def main():
     except ValueError:
         raise UserError(f"--sigma-rels must be comma-separated numbers, got {args.sigma_rels!r}") from None
     epoch = load_epoch(outdir, args.epoch, required=("epoch",))["epoch"]
-    from tools.fid import find_inception_weights
-    scoring = find_inception_weights(args.inception_weights) is not None
-    if not scoring:
-        print("FID/KID skipped: no Inception weights (pass --inception-weights or set FID_INCEPTION_WEIGHTS); probing only")
     common = ["--config", args.config, "--outdir", outdir, "--epoch", str(epoch)]
     for s in sigma_rels:
         ema = f"sigma_rel={s:g}"
         print(f"--- {ema}", flush=True)
-        if scoring:
-            run("sample.py", *common, "--ema", ema, "--seeds", f"0-{args.num_images - 1}", "--fid", args.fid,
-                *(["--inception-weights", args.inception_weights] if args.inception_weights else []))
+        run("sample.py", *common, "--ema", ema, "--seeds", f"0-{args.num_images - 1}", "--score",
+            *(["--metric-features", args.metric_features] if args.metric_features else []),
+            *(["--inception-weights", args.inception_weights] if args.inception_weights else []))
         if not args.no_probe:
             run("probe.py", *common, "--ema", ema)
 
     rows = []
-    metrics = [r for r in read_jsonl(os.path.join(outdir, "metrics.jsonl")) if "fid" in r and r.get("epoch") == epoch]
+    metrics = [r for r in read_jsonl(os.path.join(outdir, "metrics.jsonl")) if r.get("kind") == "quality" and r.get("epoch") == epoch]
     probes = [r for r in read_probe_results(outdir) if r.get("epoch") == epoch]
     for s in sigma_rels:
         ema = f"sigma_rel={s:g}"
         row = dict(sigma_rel=s, epoch=epoch)
-        fids = [r for r in metrics if r.get("ema") == ema]
-        if fids:
-            row.update(fid=fids[-1]["fid"], kid=fids[-1]["kid_mean"], count=fids[-1]["count"])
+        scored = [r for r in metrics if r.get("ema") == ema]  # the newest row: the one just written
+        if scored:
+            q = scored[-1]
+            name = next(k for k in q if k.startswith("FD_") and not k.endswith("_std"))
+            row.update(fd_name=name, fd=q[name], fd_std=q[name + "_std"], kid=q["KID"], kid_std=q["KID_std"],
+                       precision=q["precision"], recall=q["recall"], count=q["count"])
         accs = [r for r in probes if r.get("ema") == ema]
         if accs:
             row["probe_acc"] = accs[-1]["test_accuracy_pct"]
@@ -90,15 +91,17 @@ def plot(rows, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [k for k in ("fid", "kid", "probe_acc") if any(k in r for r in rows)]
+    keys = [k for k in ("fd", "kid", "probe_acc") if any(k in r for r in rows)]
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        pts = [(r["sigma_rel"], r[k]) for r in rows if k in r]
-        ax.plot(*zip(*pts), "o-")
+        pts = [(r["sigma_rel"], r[k], r.get(k + "_std", 0)) for r in rows if k in r]
+        x, y, err = zip(*pts)
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3)
         ax.set_xlabel("sigma_rel")
-        ax.set_ylabel({"fid": "FID", "kid": "KID", "probe_acc": "probe accuracy (%)"}[k])
+        ax.set_ylabel({"fd": next((r["fd_name"] for r in rows if "fd_name" in r), "FD"), "kid": "KID",
+                       "probe_acc": "probe accuracy (%)"}[k])
         ax.grid(alpha=0.3)
     fig.suptitle(f"post-hoc EMA sweep: {title}")
     fig.tight_layout()

@@ -21,7 +21,6 @@ import argparse
 import glob
 import hashlib
 import json
-import warnings
 
 import numpy as np
 import torch
@@ -29,60 +28,13 @@ import torch
 from tools import dist
 from tools.checkpoint import atomic_write
 from tools.cli import UserError, run_main
+from tools.metrics import KID_SUBSET_SIZE, frechet_distance, kid  # noqa: F401 (fid.KID_SUBSET_SIZE stays importable)
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
 WEIGHTS_SHA256_PREFIX = "6726825d"     # torch hub convention: the file name carries its sha256 prefix
 FEATURE_DIM = 2048                     # Inception-v3 pool3
 REF_FEATURES = 10000                   # Reference features kept for KID.
-KID_SUBSET_SIZE = 1000
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics.
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64."""
-    import scipy.linalg
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise UserError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-    with warnings.catch_warnings():
-        # S1 S2 is singular whenever n < d (few images); the result is checked below instead.
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(d) * eps  # regularise as pytorch-fid does
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # The eigenvalues of S1 S2 are real and >= 0; imaginary parts are rounding noise unless large.
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(S1 S2) has an imaginary part of {np.abs(covmean.imag).max():.3g}: covariances not PSD?")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def kid(feats_a, feats_b, num_subsets=100, subset_size=KID_SUBSET_SIZE, seed=0):
-    """KID (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 over random subsets -> (mean, std)."""
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise UserError(f"KID needs two feature sets [n, d] of one dimension, got {a.shape} and {b.shape}")
-    m = min(subset_size, len(a), len(b))
-    if m < 2:
-        raise UserError(f"KID needs at least 2 features in each set, got {len(a)} and {len(b)}")
-    d = a.shape[1]
-    rng = np.random.default_rng(seed)
-    mmd = np.empty(num_subsets)
-    for i in range(num_subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
-        k_xx, k_yy, k_xy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        # U-statistic: the diagonals k(x_i, x_i) are what bias the plain (V-statistic) estimate upwards.
-        mmd[i] = ((k_xx.sum() - np.trace(k_xx)) + (k_yy.sum() - np.trace(k_yy))) / (m * (m - 1)) - 2 * k_xy.mean()
-    return float(mmd.mean()), float(mmd.std())
 
 
 class FeatureStats:
@@ -163,6 +115,28 @@ def find_inception_weights(path=None):
             return given
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
     return cached if os.path.isfile(cached) else None
+
+
+def inception_weights_or_none(path=None):
+    """A local weights file (as find_inception_weights); failing that, pytorch-fid's download into the torch
+    hub cache, as pytorch-fid itself would do. Offline, says how to provide the file and returns None."""
+    found = find_inception_weights(path)
+    if found is not None:
+        return found
+    import socket
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
+    timeout = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(30)  # a firewall that drops packets should not hang the run
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        torch.hub.download_url_to_file(WEIGHTS_URL, cached, hash_prefix=WEIGHTS_SHA256_PREFIX, progress=False)
+        return cached
+    except Exception as e:  # no network (URLError, timeouts), a proxy's error page (hash mismatch), a read-only cache
+        print(f"Inception scoring skipped: no {WEIGHTS_FILE} here and it could not be downloaded ({type(e).__name__}). "
+              f"Pass --inception-weights PATH or set FID_INCEPTION_WEIGHTS=PATH (see docs/METRICS.md)", flush=True)
+        return None
+    finally:
+        socket.setdefaulttimeout(timeout)
 
 
 def build_inception(weights_path=None, random_weights=False, device="cpu"):
@@ -284,6 +258,16 @@ def compute_reference(cfg, out_path, weights_path=None, random_weights=False, ba
     atomic_write(out_path[:-4] + ".json", lambda f: f.write(json.dumps(info, indent=1).encode()))
     dist.barrier()
     return mu, sigma
+
+
+def auto_reference(cfg, weights_path=None, device="cpu"):
+    """DATA_ROOT/fid-refs/<dataset>-<resolution>.npz, the training split's statistics, computed on first use."""
+    d, n = cfg["data"], cfg["network"]
+    path = os.path.join(d["root"], "fid-refs", f"{d['dataset']}-{n['img_resolution']}.npz")
+    if not os.path.exists(path):
+        print(f"reference statistics: computing {path} from the training split", flush=True)
+        compute_reference(cfg, path, weights_path=weights_path, device=device)
+    return path
 
 
 def load_stats(path):

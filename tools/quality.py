@@ -1,0 +1,124 @@
+"""Sample quality of a set of generated images against its dataset, with the spread over seed blocks.
+
+    score_samples(cfg, images) -> {"FD_classifier": ..., "KID": ..., "precision": ..., "recall": ...,
+                                   "class_entropy": ..., "confidence": ..., "memorised_fraction": ..., ...}
+
+Features come from the dataset classifier (tools/classifier.py, no download, the default for digits)
+or from pytorch-fid's Inception-v3 (tools/fid.py, the default for CIFAR and Tiny-ImageNet). Every
+metric is computed on each of `blocks` disjoint blocks of the samples (consecutive seed ranges) and
+reported as mean and std over the blocks, with the block size, so that two runs' figures can be
+told apart from noise. Memorisation is measured in pixels, whatever the features.
+"""
+
+import os
+
+import numpy as np
+import torch
+
+from tools import metrics
+from tools.cli import UserError
+from tools.data import load_dataset
+
+EXTRACTORS = ("classifier", "inception")
+KID_SUBSETS = 100
+
+
+def default_extractor(cfg):
+    """The dataset classifier for digits and folder data, Inception for the natural-image benchmarks."""
+    return "inception" if cfg["data"]["dataset"] in ("cifar10", "cifar100", "tinyimagenet") else "classifier"
+
+
+def _extract(extractor, model, images, device):
+    """(features float64 [N, F], class probabilities [N, K] or None)."""
+    if extractor == "classifier":
+        from tools.classifier import outputs
+        return outputs(model, images, device=device)
+    from tools.fid import features_of_images
+    return features_of_images(model, images, device=device), None
+
+
+def reference(cfg, extractor, model, device, inception_weights=None):
+    """(mu, sigma, features) of the training split: all of it for the classifier; for Inception, the FID
+    reference statistics of the whole split with the up to 10,000 features they keep (computed once into
+    DATA_ROOT/fid-refs/, as sample.py --fid auto does)."""
+    if extractor == "classifier":
+        images, _ = load_dataset(cfg, "train")
+        feats = _extract(extractor, model, images, device)[0]
+        return (*metrics.feature_stats(feats), feats)
+    from tools import fid
+    path = fid.auto_reference(cfg, inception_weights, device)
+    mu, sigma, feats = fid.load_stats(path)
+    if feats is None:
+        raise UserError(f"{path} keeps no features (pytorch-fid's own statistics?): delete it so that it is recomputed")
+    return mu, sigma, feats
+
+
+def build_extractor(cfg, extractor, device, inception_weights=None):
+    if extractor not in EXTRACTORS:
+        raise UserError(f"--metric-features must be one of {', '.join(EXTRACTORS)}, got {extractor!r}")
+    if extractor == "classifier":
+        from tools.classifier import load_or_train
+        return load_or_train(cfg, device)
+    from tools.fid import build_inception
+    model = build_inception(inception_weights, device=device)
+    model.name = "inception"
+    return model
+
+
+def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, out_dir=None, inception_weights=None):
+    """Quality metrics of uint8 samples [N, C, H, W] (in seed order) against the config's dataset.
+
+    Returns a dict: for each metric its mean over `blocks` disjoint blocks and `<metric>_std`, plus
+    `count`, `blocks`, `block_size`, `extractor` and, for the classifier, its `classifier_test_accuracy`.
+    With `out_dir`, the samples closest to a training image are saved next to it in nearest_pairs.png.
+    """
+    extractor = extractor or default_extractor(cfg)
+    samples = torch.as_tensor(samples)
+    n = len(samples) // blocks
+    if n < 10:
+        raise UserError(f"scoring needs at least {10 * blocks} samples ({blocks} blocks of 10), got {len(samples)}")
+    model = build_extractor(cfg, extractor, device, inception_weights)
+    mu_ref, sigma_ref, ref = reference(cfg, extractor, model, device, inception_weights)
+    feats, probs = _extract(extractor, model, samples[:n * blocks], device)
+
+    train, _ = load_dataset(cfg, "train")
+    heldout, _ = load_dataset(cfg, "test")
+    heldout_dist, _ = metrics.nearest_distances(heldout.to(device), train.to(device))
+    sample_dist, sample_idx = metrics.nearest_distances(samples[:n * blocks].to(device), train.to(device))
+
+    name = f"FD_{model.name}"
+    per_block = []
+    for b in range(blocks):
+        s = slice(b * n, (b + 1) * n)
+        f = feats[s]
+        row = {name: metrics.frechet_distance(*metrics.feature_stats(f), mu_ref, sigma_ref)}
+        row["KID"] = metrics.kid(f, ref, num_subsets=KID_SUBSETS, subset_size=min(n, metrics.KID_SUBSET_SIZE))[0]
+        # k-NN radii shrink as a set grows: compare with an equally large random subset of the training features.
+        real = ref[np.random.default_rng(b).choice(len(ref), min(n, len(ref)), replace=False)]
+        row.update(metrics.precision_recall(real, f, k=3))
+        if probs is not None:
+            row.update(metrics.class_coverage(probs[s]))
+        row.update(metrics.memorisation(sample_dist[s], heldout_dist))
+        per_block.append(row)
+    out = dict(extractor=model.name, count=n * blocks, blocks=blocks, block_size=n, reference_count=len(ref))
+    for key in per_block[0]:
+        values = np.array([r[key] for r in per_block], dtype=np.float64)
+        out[key], out[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1))
+    if extractor == "classifier":
+        out["classifier_test_accuracy"] = model.test_accuracy
+    if out_dir is not None:
+        out["nearest_pairs"] = metrics.save_nearest_pairs(os.path.join(out_dir, "nearest_pairs.png"),
+                                                          samples[:n * blocks], train, sample_idx, sample_dist)
+    return out
+
+
+def format_line(r):
+    """One line for the terminal: every metric as mean +- std over the blocks."""
+    fd = next(k for k in r if k.startswith("FD_") and not k.endswith("_std"))
+    parts = [f"{fd}: {r[fd]:.3f} +- {r[fd + '_std']:.3f}", f"KID: {r['KID']:.5f} +- {r['KID_std']:.5f}",
+             f"precision: {r['precision']:.3f} +- {r['precision_std']:.3f}", f"recall: {r['recall']:.3f} +- {r['recall_std']:.3f}"]
+    if "class_entropy" in r:
+        parts.append(f"class entropy: {r['class_entropy']:.3f}/{r['class_entropy_max']:.3f}")
+        parts.append(f"confidence: {r['confidence']:.3f}")
+    parts.append(f"memorised: {100 * r['memorised_fraction']:.1f}% +- {100 * r['memorised_fraction_std']:.1f}%")
+    return "  ".join(parts) + f"  ({r['blocks']} blocks of {r['block_size']} samples)"
