@@ -1,4 +1,5 @@
-# One-command setup: `make test` and `make demo` create .venv on first use and install requirements.txt.
+# One-command setup: `make test` and `make demo` create .venv on first use and install the pinned
+# requirements-lock.txt (plus requirements-test.txt for the tests).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,20 +8,24 @@ CMP    := runs/compare-demo
 
 .PHONY: test demo compare-demo clean-demo
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements-lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-lock.txt
 	touch $@
 
-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
 # The main job on the bundled digits: train Config E (~3 min on 2 CPU cores), sample 1,000 images and
 # score them offline (FD/KID/precision/recall with the dataset classifier, memorisation), then the linear probe.
 demo: $(VENV)/.installed
 	$(PY) train.py --config config/digits/E.yaml --outdir $(RUN)/E
-	$(PY) sample.py --config config/digits/E.yaml --outdir $(RUN)/E --seeds 0-999 --score
-	$(PY) probe.py --config config/digits/E.yaml --outdir $(RUN)/E
+	$(PY) sample.py --outdir $(RUN)/E --seeds 0-999 --score
+	$(PY) probe.py --outdir $(RUN)/E
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUN)/E/tensorboard"
 
 # C, E and G side by side on digits (~26 min on 2 CPU cores): each config trains CMP_EPOCHS epochs; the
@@ -34,10 +39,10 @@ compare-demo: $(VENV)/.installed
 	  $(PY) train.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c train.epochs=$(CMP_EPOCHS) \
 	    train.checkpoint_epochs=$(CMP_EVERY) train.keep_checkpoints=0 train.grid_epochs=$(CMP_EVERY) && \
 	  for e in $$(seq $(CMP_EVERY) $(CMP_EVERY) $(CMP_EPOCHS)); do \
-	    $(PY) sample.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c --epoch $$e --seeds 0-$$(($(CMP_IMAGES) - 1)) --score || exit 1; \
+	    $(PY) sample.py --outdir $(CMP)/$$c --epoch $$e --seeds 0-$$(($(CMP_IMAGES) - 1)) --score || exit 1; \
 	  done && \
-	  $(PY) probe.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c && \
-	  $(PY) tools/ema_sweep.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c --sigma-rels 0.05,0.10,0.15 --num-images $(CMP_IMAGES) \
+	  $(PY) probe.py --outdir $(CMP)/$$c && \
+	  $(PY) tools/ema_sweep.py --outdir $(CMP)/$$c --sigma-rels 0.05,0.10,0.15 --num-images $(CMP_IMAGES) \
 	  || exit 1; \
 	done
 	$(PY) tools/compare.py $(CMP)/C $(CMP)/E $(CMP)/G --out $(CMP)/compare

@@ -34,6 +34,6 @@ def trained_digits_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def metric_data_root(tmp_path_factory):
-    """A data.root shared by the tests that score samples, so the digits classifier trains once (~20 s)."""
-    return str(tmp_path_factory.mktemp("data"))
+def metric_cache(tmp_path_factory):
+    """A data.cache shared by the tests that score samples, so the digits classifier trains once (~20 s)."""
+    return str(tmp_path_factory.mktemp("cache"))

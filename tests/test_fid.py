@@ -8,6 +8,7 @@ and 256, and the 2048-d pipeline tests check which statistics reach frechet_dist
 
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -43,21 +44,38 @@ def test_frechet_distance_matches_pytorch_fid(d):
     assert ours > 0
 
 
+def test_cli_help_lists_the_commands(capsys):
+    proc = run_script("tools/fid.py", "--help")
+    assert "{ref,score,compare}" in proc.stdout
+    listed = re.findall(r"^ {4}(\w+) ", proc.stdout.split("\ncommands:\n")[1], re.M)
+    assert listed == ["ref", "score", "compare"], proc.stdout
+    flags = {"ref": ["--config", "--out", "--inception-weights", "--random-weights", "--batch", "section.key=value"],
+             "score": ["REF.npz", "--kid-subsets", "--inception-weights", "--random-weights", "--batch"],
+             "compare": ["A.npz", "B.npz"]}
+    for command, expected in flags.items():
+        with pytest.raises(SystemExit) as e:
+            fid.main([command, "--help"])
+        usage = capsys.readouterr().out
+        assert e.value.code == 0 and all(f in usage for f in expected), usage
+
+
 def test_cli_fid_of_two_statistics_files(tmp_path):
     rng = np.random.default_rng(1)
     (mu1, sigma1), (mu2, sigma2) = random_stats(64, rng), random_stats(64, rng)
     np.savez(tmp_path / "a.npz", mu=mu1, sigma=sigma1)
     np.savez(tmp_path / "b.npz", mu=mu2, sigma=sigma2)
-    proc = run_script("tools/fid.py", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
+    proc = run_script("tools/fid.py", "compare", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
     printed = float(proc.stdout.strip().splitlines()[-1])
     assert printed == pytest.approx(pytorch_fid_distance(mu1, sigma1, mu2, sigma2), rel=1e-6)
+    bare = run_script("tools/fid.py", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))  # the form docs/METRICS.md shows
+    assert bare.stdout == proc.stdout
 
 
 def test_cli_bad_statistics_end_in_one_line(tmp_path):
     rng = np.random.default_rng(2)
     np.savez(tmp_path / "a.npz", mu=np.zeros(64), sigma=np.eye(64))
     np.savez(tmp_path / "b.npz", mu=np.zeros(32), sigma=np.eye(32))
-    proc = run_script("tools/fid.py", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), check=False)
+    proc = run_script("tools/fid.py", "compare", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: statistics do not match"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -207,20 +225,17 @@ def test_reference_and_scoring_pipeline(tmp_path, monkeypatch, random_inception)
     assert result["kid_mean"] == pytest.approx(fid.kid(gen_feats, stored, 10)[0], rel=1e-4, abs=1e-9)
 
 
+def no_download(*args, **kwargs):
+    pytest.fail("tried to download")
+
+
 def test_weights_come_from_a_local_file(tmp_path, monkeypatch, capsys):
     """A state dict saved to disk is what the network holds after build_inception(path), with no download."""
-    import pytorch_fid.inception
-    import torchvision
     monkeypatch.delenv("FID_INCEPTION_WEIGHTS", raising=False)
-    captured = {}
-    with monkeypatch.context() as m:
-        m.setattr(torchvision.models.inception.Inception3, "load_state_dict", lambda self, sd, *a, **k: captured.update(self.state_dict()))
-        torch.save({}, tmp_path / "empty.pth")
-        fid.build_inception(str(tmp_path / "empty.pth"))
-    state = {k: v + torch.randn_like(v) if v.is_floating_point() else v for k, v in captured.items()}
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)  # what torch.hub calls on a cache miss
+    state = {k: v + torch.randn_like(v) if v.is_floating_point() else v for k, v in fid.random_inception_state_dict().items()}
     path = str(tmp_path / fid.WEIGHTS_FILE)
     torch.save(state, path)
-    monkeypatch.setattr(pytorch_fid.inception, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
 
     model = fid.build_inception(path)
     torch.testing.assert_close(model.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"], rtol=0, atol=0)
@@ -241,6 +256,49 @@ def test_weights_come_from_a_local_file(tmp_path, monkeypatch, capsys):
         with pytest.raises(UserError) as e:
             fid.build_inception(str(tmp_path / bad))
         assert fid.WEIGHTS_URL in str(e.value) and "\n" not in str(e.value)
+
+
+def test_weights_under_another_name_load_offline_and_leave_the_hub_dir(tmp_path, monkeypatch, capsys):
+    """pytorch-fid's constructor reads the file through a temporary torch hub cache: a file under any name loads, nothing
+    is downloaded, and torch.hub.get_dir() (still steered by $TORCH_HOME) and the global RNG are as before. A file that is
+    already the real cache's is loaded from there."""
+    monkeypatch.delenv("FID_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    state = fid.random_inception_state_dict(seed=1)
+    path = tmp_path / "some-name.pth"
+    torch.save(state, path)
+    hub_dir, rng = torch.hub.get_dir(), torch.random.get_rng_state()
+
+    model = fid.build_inception(str(path))
+    assert torch.hub.get_dir() == hub_dir and torch.equal(torch.random.get_rng_state(), rng)
+    assert not os.path.exists(hub_dir)  # nothing written to the real cache
+    torch.testing.assert_close(model.blocks[3][1].branch3x3dbl_3a.conv.weight, state["Mixed_7b.branch3x3dbl_3a.conv.weight"],
+                               rtol=0, atol=0)
+    assert model.extractor.startswith("inception-v3-unverified-") and "not the published" in capsys.readouterr().err
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))
+    assert torch.hub.get_dir() == str(tmp_path / "elsewhere" / "hub")  # not pinned by build_inception's set_dir
+
+    cached = tmp_path / "elsewhere" / "hub" / "checkpoints" / fid.WEIGHTS_FILE
+    cached.parent.mkdir(parents=True)
+    os.link(path, cached)
+    model = fid.build_inception()
+    torch.testing.assert_close(model.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"], rtol=0, atol=0)
+    assert os.listdir(cached.parent) == [fid.WEIGHTS_FILE]
+
+
+def test_no_tool_imports_unittest():
+    """Product code uses pytorch-fid through the torch hub cache, not by patching it."""
+    import ast
+    import glob
+    offenders = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "tools", "**", "*.py"), recursive=True)):
+        with open(path) as f:
+            for node in ast.walk(ast.parse(f.read(), path)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offenders += [f"{os.path.relpath(path, ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "unittest"]
+    assert not offenders, offenders
 
 
 def test_missing_weights_say_how_to_supply_them(tmp_path, monkeypatch):

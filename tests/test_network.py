@@ -223,7 +223,8 @@ def test_network_dropout_independent_of_batch_split(cfg):
         full = net(x, c, None, keys)
         halves = torch.cat([net(x[:2], c[:2], None, keys[:2]), net(x[2:], c[2:], None, keys[2:])])
         other = net(x, c, None, keys + 1)
-    torch.testing.assert_close(halves, full)
+    # Equal up to float32 summation order (convolutions pick other kernels per batch size); a changed mask moves outputs by O(1).
+    torch.testing.assert_close(halves, full, rtol=1e-4, atol=1e-4)
     assert (other - full).abs().max() > 100 * (halves - full).abs().max() + 1e-3  # the keys do set the masks
 
 

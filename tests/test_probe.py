@@ -13,7 +13,8 @@ import torch
 
 import probe
 from conftest import ROOT, run_script
-from tools.checkpoint import load_net
+from tools import probe_features
+from tools.runs import load_net
 from tools.cli import UserError
 from tools.config import build_network, load_config
 from tools.data import load_dataset
@@ -53,7 +54,7 @@ def test_block_listing_matches_the_network(capsys, tmp_path):
     rows = [line.split() for line in run_probe(capsys, str(tmp_path / "no-run"), "--list-blocks").out.splitlines()[1:]]
     net = build_network(load_config(os.path.join(ROOT, CONFIG))).eval()
     shapes = {}
-    for name, m in probe.named_blocks(net):
+    for name, m in probe_features.named_blocks(net):
         m.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o.shape))
     with torch.no_grad():
         net(torch.zeros(1, 1, 16, 16), torch.zeros(1))
@@ -97,7 +98,7 @@ def test_deterministic_and_the_cache_spares_the_network(trained_digits_run, tmp_
     def no_network(*args, **kwargs):
         raise AssertionError("the network was loaded although every feature is cached")
     with monkeypatch.context() as m:
-        m.setattr(probe, "load_net", no_network)
+        m.setattr(probe_features, "load_net", no_network)
         out, err = run_probe(capsys, run, C_grid)
         assert accuracy_of(out) == acc and "features: cached" in err
         # The torch classifier minimises the same objective: the same accuracy within 3 of 300 test images.
@@ -113,8 +114,8 @@ def test_features_do_not_depend_on_ranks_or_batch(trained_digits_run, tmp_path):
     cfg = load_config(os.path.join(ROOT, CONFIG))
     net, _ = load_net(cfg, trained_digits_run, 4)
     images = load_dataset(cfg, "train")[0]
-    seeds = torch.arange(len(images)) + probe.SEED_STRIDE * probe.STREAMS["train", False]
-    expected = probe.extract_features(net, 0.5, images, 0.06, [BLOCK], seeds, batch=512)[BLOCK]
+    seeds = torch.arange(len(images)) + probe_features.SEED_STRIDE * probe_features.STREAMS["train", False]
+    expected = probe_features.extract_features(net, 0.5, images, 0.06, [BLOCK], seeds, batch=512)[BLOCK]
     run = copy_run(trained_digits_run, tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "probe.py",
            "--config", CONFIG, "--outdir", run, "--batch", "7", "probe.C_grid=[1.0]"]

@@ -1,4 +1,4 @@
-"""sample.py and the samplers: rank independence, resume, accuracy on a Gaussian with a known denoiser (issue 4)."""
+"""sample.py and the samplers: rank independence, resume, accuracy on a Gaussian with a known denoiser."""
 
 import filecmp
 import os
@@ -105,7 +105,7 @@ def test_world_size_two_gives_identical_files(trained_digits_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for a, b in zip(pngs(tmp_path / "one", range(8)), pngs(tmp_path / "two", range(8))):
         assert filecmp.cmp(a, b, shallow=False), (a, b)
-    assert os.path.exists(tmp_path / "two" / "grid.png")
+    assert os.path.exists(f"{tmp_path / 'two'}.grid.png") and os.listdir(tmp_path / "two") == ["000000"]  # the grid beside, not inside
 
 
 def test_interrupted_run_continues_to_the_same_files(trained_digits_run, tmp_path):

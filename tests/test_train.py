@@ -1,4 +1,4 @@
-"""train.py: exact resume, world-size independence, schedules, bad input (issue 3)."""
+"""train.py: exact resume, world-size independence, schedules, bad input."""
 
 import json
 import os

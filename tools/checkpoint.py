@@ -91,37 +91,3 @@ def load_epoch(outdir, epoch=None, required=("net",)):
     if missing:
         raise UserError(f"checkpoint {available[epoch]} lacks {', '.join(missing)}")
     return ckpt
-
-
-def parse_ema(ema):
-    """'classic' | 'online' | 'sigma_rel=X' -> ('classic'|'online'|'posthoc', X or None)."""
-    if ema in ("classic", "online"):
-        return ema, None
-    if ema.startswith("sigma_rel="):
-        try:
-            return "posthoc", float(ema.split("=", 1)[1])
-        except ValueError:
-            pass
-    raise UserError(f"--ema must be classic, online or sigma_rel=X (e.g. sigma_rel=0.075), got {ema!r}")
-
-
-def load_net(cfg, outdir, epoch=None, ema="classic", device="cpu"):
-    """The network of a run in eval mode, with the chosen weights: the classic EMA, the online (raw)
-    weights, or a post-hoc EMA reconstruction at the checkpoint's time. Returns (net, info dict)."""
-    from tools.config import build_network
-    kind, sigma_rel = parse_ema(ema)
-    ckpt = load_epoch(outdir, epoch, required=("net", "emas", "t_img", "epoch"))
-    if kind == "classic":
-        state = ckpt["emas"]["classic"]
-    elif kind == "online":
-        state = ckpt["net"]
-    else:
-        from tools.posthoc import reconstruct
-        state, _ = reconstruct(os.path.join(outdir, "snapshots"), sigma_rel, t_out=ckpt["t_img"])
-    net = build_network(cfg)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError:
-        raise UserError(f"the weights in {outdir} do not fit the network of this config ({cfg['unet']}); pass the run's own config") from None
-    info = dict(epoch=ckpt["epoch"], t_img=ckpt["t_img"], ema=ema)
-    return net.to(device).eval().requires_grad_(False), info

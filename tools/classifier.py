@@ -6,7 +6,7 @@ score with such a dataset classifier; its numbers are comparable only with numbe
 classifier (the file name carries a hash of the training data and of this file's code).
 
 The classifier trains once per dataset and resolution with a fixed seed, on the CPU for small
-datasets (digits: seconds), and is cached under DATA_ROOT/metric-classifiers/; a change of the data
+datasets (digits: seconds), and is cached under DATA_CACHE/metric-classifiers/; a change of the data
 or of this file trains a new one.
 """
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tools.checkpoint import atomic_save
 from tools.cli import UserError
-from tools.data import load_dataset, to_float
+from tools.data import cache_dir, load_dataset, to_float
 
 WIDTH = 32            # Channels of the first stage; the features have 4 * WIDTH channels.
 EPOCHS = 15           # Passes over a small training split; large ones get fewer (STEPS_MAX).
@@ -118,7 +118,7 @@ def load_or_train(cfg, device="cpu", log=print):
                         f"(a folder dataset needs one sub-folder per class); use --metric-features inception")
     d = cfg["data"]
     tag = f"{d['dataset']}-{images.shape[-1]}px-{_fingerprint(images, labels)}"
-    path = os.path.join(d["root"], "metric-classifiers", f"{tag}.pt")
+    path = cache_dir(cfg, "metric-classifiers", f"{tag}.pt")
     train_device = torch.device("cpu") if len(images) < SMALL_DATASET else torch.device(device)
     if os.path.isfile(path):
         try:

@@ -23,7 +23,8 @@ DEFAULTS = {
     "unet": "unetE.py",                 # Network file at the repository's top level: unetC.py, unetE.py, unetG.py.
     "data": {
         "dataset": "digits",            # digits | cifar10 | cifar100 | tinyimagenet | folder
-        "root": "./data",               # Where real datasets live (nothing is downloaded).
+        "root": "./data",               # Where real datasets live (nothing is downloaded; never written to).
+        "cache": "./cache",             # Derived files shared by runs: decoded image folders, FID statistics, dataset classifiers.
         "xflip": False,                 # Random horizontal flips during training.
         "use_labels": False,            # Feed class labels to the network (needs network.label_dim).
     },

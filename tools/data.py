@@ -1,18 +1,33 @@
 """Datasets as uint8 tensors [N, C, H, W] plus int64 labels, held whole in memory (on the GPU when training there).
 
 Nothing is downloaded: real datasets are read from `data.root`, and a missing one ends with a UserError
-that says where to put which files.
+that says where to put which files. Image files (folder, tinyimagenet) are decoded once into
+DATA_CACHE/decoded/; `data.root` is only ever read.
 """
 
+import collections
+import concurrent.futures
+import fcntl
 import glob
+import hashlib
+import json
 import os
 
 import numpy as np
 import torch
 
+import tools.dist
+from tools.checkpoint import atomic_write
 from tools.cli import UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # Matched in any case (.JPG).
+DECODE_VERSION = 1  # Part of the decoded-image cache key: bump it when _decode changes its output.
+
+
+def cache_dir(cfg, *parts):
+    """DATA_CACHE/<parts...> (data.cache of the config, absolute): where derived files of a dataset live,
+    so that the dataset folder itself is only read."""
+    return os.path.join(os.path.abspath(cfg["data"]["cache"]), *parts)
 
 
 def to_float(images_uint8):
@@ -58,23 +73,74 @@ def _cifar(name, root, split):
     return images, torch.as_tensor(ds.targets, dtype=torch.int64)
 
 
-def _read_images(paths, resolution):
-    from PIL import Image
-    out = np.empty((len(paths), resolution, resolution, 3), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            s = min(im.size)  # centre crop to a square, then resize
-            left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-            if im.size[0] != resolution:
-                im = im.resize((resolution, resolution), Image.BICUBIC)
-            out[i] = np.asarray(im)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+def _decode(paths, resolution, channels):
+    """uint8 [N, C, H, W] of image files: converted to grey (1 channel) or RGB (3), centre-cropped to a square and
+    resized. Threads decode in parallel (PIL releases the GIL); a file PIL cannot read raises UserError naming it."""
+    from PIL import Image, UnidentifiedImageError
+    out = np.empty((len(paths), resolution, resolution, channels), dtype=np.uint8)
+
+    def decode_one(i):
+        try:
+            with Image.open(paths[i]) as im:
+                im = im.convert("L" if channels == 1 else "RGB")
+                s = min(im.size)
+                left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+                im = im.crop((left, top, left + s, top + s))
+                if im.size[0] != resolution:
+                    im = im.resize((resolution, resolution), Image.BICUBIC)
+                out[i] = np.asarray(im).reshape(resolution, resolution, channels)
+        except UnidentifiedImageError:
+            raise UserError(f"image {paths[i]} cannot be decoded (not an image file PIL can read); remove or replace it") from None
+        except Exception as e:  # a broken file surfaces as OSError, SyntaxError, ValueError, ... depending on its format
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"image {paths[i]} cannot be decoded ({reason}); remove or replace it") from None
+
+    pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1)
+    try:
+        list(pool.map(decode_one, range(len(paths))))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a bad file, do not decode the rest
+    return out.transpose(0, 3, 1, 2)
 
 
-def _tinyimagenet(root, split, resolution):
-    base = os.path.join(root, "tiny-imagenet-200")
+def _decoded(cfg, split, paths, labels):
+    """(images, labels) of image files, decoded once into DATA_CACHE/decoded/ and read from there afterwards.
+
+    The file name carries a hash of everything the pixels and labels depend on (root, split, every file's relative
+    path, size and mtime, labels, resolution, channels, DECODE_VERSION), so a changed file decodes again. Of several
+    ranks starting at once, the one holding the lock decodes and the others then read its file.
+    """
+    d, resolution, channels = cfg["data"], cfg["network"]["img_resolution"], cfg["network"]["img_channels"]
+    if channels not in (1, 3):
+        raise UserError(f"{d['dataset']} images decode to 1 (grey) or 3 (RGB) channels, not network.img_channels={channels}")
+    root = os.path.abspath(d["root"])
+    key = [d["dataset"], root, split, resolution, channels, DECODE_VERSION, labels]
+    for p in paths:
+        st = os.stat(p)
+        key.append((os.path.relpath(p, root), st.st_size, st.st_mtime_ns))
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    path = cache_dir(cfg, "decoded", f"{d['dataset']}-{split}-{resolution}px-{channels}ch-{digest}.npy")
+    if not os.path.isfile(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            lock = open(path + ".lock", "a")
+        except OSError as e:
+            raise UserError(f"cannot write to data.cache={d['cache']!r} ({e.strerror}); point it to a writable folder") from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not os.path.isfile(path):
+                tools.dist.print0(f"decoding {len(paths):,} images into {path}")
+                images = _decode(paths, resolution, channels)
+                atomic_write(path, lambda f: np.save(f, images))
+    try:
+        images = np.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"decoded images {path} are unreadable ({type(e).__name__}); delete the file to decode again") from None
+    return torch.from_numpy(images), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def _tinyimagenet(cfg, split):
+    base = os.path.join(cfg["data"]["root"], "tiny-imagenet-200")
     if not os.path.isdir(os.path.join(base, "train")):
         raise UserError(
             f"tinyimagenet not found: unzip tiny-imagenet-200.zip (from http://cs231n.stanford.edu/tiny-imagenet-200.zip) "
@@ -91,17 +157,80 @@ def _tinyimagenet(root, split, resolution):
             rows = [line.split("\t")[:2] for line in f if line.strip()]
         paths = [os.path.join(base, "val", "images", r[0]) for r in rows]
         labels = [wnids.index(r[1]) for r in rows]
-    return _read_images(paths, resolution), torch.as_tensor(labels, dtype=torch.int64)
+    return _decoded(cfg, split, paths, labels)
 
 
-def _folder(root, split, resolution):
-    """Any folder of images; sub-folders, if any, are the classes. `split` is ignored (one split)."""
-    paths = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if p.endswith(IMAGE_EXTENSIONS))
+def _split_folder(root, split):
+    """ROOT/train for training and ROOT/test (else ROOT/val) for testing when ROOT/train exists; else ROOT, training only."""
+    if not os.path.isdir(root):
+        raise UserError(f"folder dataset: data.root={root!r} is not a folder")
+    if not os.path.isdir(os.path.join(root, "train")):
+        if split == "train":
+            return root
+    elif split == "train":
+        return os.path.join(root, "train")
+    else:
+        for name in ("test", "val"):
+            if os.path.isdir(os.path.join(root, name)):
+                return os.path.join(root, name)
+    raise UserError(f"folder dataset {root} has no test/ or val/ sub-folder beside train/: put held-out images in "
+                    f"{os.path.join(root, 'test', '<class>')}/ and training images in {os.path.join(root, 'train', '<class>')}/ "
+                    f"(the linear probe and memorisation need them)")
+
+
+def _class_folders(folder):
+    """Sorted names of the sub-folders; hidden ones (.git, .ipynb_checkpoints) are not classes."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _plural(n, word):
+    return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
+
+
+def _folder(cfg, split):
+    """A folder of images, laid out as ROOT/train/<class>/ plus ROOT/test/<class>/ (or val/), or as ROOT/<class>/
+    (training only). Labels are indices into the sorted class names of the training folder; a folder without
+    class sub-folders is one class. Prints what it found, including the files it skipped."""
+    root = os.path.abspath(cfg["data"]["root"])
+    train_folder, folder = _split_folder(root, "train"), _split_folder(root, split)
+    classes = _class_folders(train_folder)
+    label_of = {c: k for k, c in enumerate(classes)}
+    unknown = sorted(set(_class_folders(folder)) - set(classes))
+    if unknown:
+        raise UserError(f"class folder {os.path.join(folder, unknown[0])} has no counterpart in {train_folder}; "
+                        f"test classes must be training classes (so that they get the same labels)")
+    paths, labels, skipped = [], [], collections.Counter()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        rel = os.path.relpath(dirpath, folder)
+        for name in sorted(filenames):
+            ext = os.path.splitext(name)[1]
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                skipped[ext or name] += 1
+            elif rel != ".":
+                paths.append(os.path.join(dirpath, name))
+                labels.append(label_of[rel.split(os.sep)[0]])
+            elif not classes:
+                paths.append(os.path.join(dirpath, name))
+                labels.append(0)
+            else:
+                raise UserError(f"image {os.path.join(dirpath, name)} lies beside the class sub-folders of {folder}; "
+                                f"move it into one of them")
+    found = f"skipped {_plural(sum(skipped.values()), 'file')} ({', '.join(f'{n} {e}' for e, n in skipped.most_common())})"
     if not paths:
-        raise UserError(f"no images found under data.root={root!r} (looked for {', '.join(IMAGE_EXTENSIONS[:5])})")
-    classes = sorted({os.path.relpath(os.path.dirname(p), root) for p in paths})
-    labels = [classes.index(os.path.relpath(os.path.dirname(p), root)) for p in paths]
-    return _read_images(paths, resolution), torch.as_tensor(labels, dtype=torch.int64)
+        raise UserError(f"no images found under {folder} (looked for {' '.join(IMAGE_EXTENSIONS)} in any case)"
+                        + (f"; {found}" if skipped else ""))
+    counts = np.bincount(labels, minlength=max(len(classes), 1))
+    if split == "train" and counts.min() == 0:
+        raise UserError(f"class folder {os.path.join(folder, classes[int(counts.argmin())])} holds no images; add some or remove it")
+    present = counts[counts > 0]
+    summary = f"folder dataset {folder}: {_plural(len(paths), 'image')} in "
+    summary += _plural(len(present), "class") if len(present) == len(counts) else f"{len(present)} of {_plural(len(counts), 'class')}"
+    if len(counts) > 1:
+        spread = f"{present.min():,}" + (f"-{present.max():,}" if present.max() > present.min() else "")
+        summary += f" ({spread} per class)"
+    tools.dist.print0(summary + (f"; {found}" if skipped else ""))
+    return _decoded(cfg, split, paths, labels)
 
 
 def load_dataset(cfg, split="train"):
@@ -113,9 +242,9 @@ def load_dataset(cfg, split="train"):
     elif name in ("cifar10", "cifar100"):
         images, labels = _cifar(name, root, split)
     elif name == "tinyimagenet":
-        images, labels = _tinyimagenet(root, split, resolution)
+        images, labels = _tinyimagenet(cfg, split)
     else:
-        images, labels = _folder(root, split, resolution)
+        images, labels = _folder(cfg, split)
     if images.shape[1:] != (channels, resolution, resolution):
         raise UserError(f"{name} images are {tuple(images.shape[1:])} (C, H, W) but the network expects "
                         f"({channels}, {resolution}, {resolution}); set network.img_channels / img_resolution to match")

@@ -1,13 +1,34 @@
-"""Distributed setup read from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process works too."""
+"""Distributed setup read from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process works too.
 
+SLURM's `srun` without torchrun starts N processes that each believe they are alone; they would all
+train into one run directory, so init() refuses that and shows the torchrun command instead.
+"""
+
+import contextlib
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
+from tools.cli import UserError
+
+TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a rank that died or hangs, then fails
+
+
+def check_launcher(environ=os.environ):
+    """UserError when SLURM started several tasks of a script that torchrun did not launch."""
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "RANK" not in environ and tasks > 1:
+        raise UserError(f"srun started {tasks} independent copies of this script, which would all write one run directory; "
+                        "run one task per node that calls torchrun instead: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES "
+                        "--nproc_per_node=GPUS_PER_NODE --rdzv-backend=c10d --rdzv-endpoint=$(scontrol show hostnames | head -n1):29500 "
+                        "SCRIPT ARGS (README: Launching)")
+
 
 def init():
     """Start the process group when launched by torchrun. Returns (rank, world_size, device)."""
+    check_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -18,8 +39,20 @@ def init():
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
     return rank, world_size, device
+
+
+@contextlib.contextmanager
+def session():
+    """init() for an entry point; the process group is shut down on exit only if this call started it, so
+    scripts that call each other's main() (tools/ema_sweep.py) share one group."""
+    owner = not dist.is_initialized()
+    try:
+        yield init()
+    finally:
+        if owner:
+            shutdown()
 
 
 def rank():
@@ -35,6 +68,30 @@ def all_reduce_sum(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
+
+
+def broadcast(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    if dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def on_rank0(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run by rank 0 alone, its result broadcast to every rank. A UserError on rank 0 is
+    raised on every rank (with the same one line), so no rank is left waiting in a collective."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except UserError as e:
+            error = str(e)
+    result, error = broadcast((result, error))
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def barrier():

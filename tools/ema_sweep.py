@@ -1,67 +1,72 @@
 """Post-hoc EMA sweep: reconstruct several sigma_rel from a run's snapshots, score each, plot metric vs sigma_rel.
 
-    python tools/ema_sweep.py --config config/digits/E.yaml --outdir runs/demo/E --sigma-rels 0.03,0.05,0.075,0.1,0.15
+    python tools/ema_sweep.py --outdir runs/demo/E --sigma-rels 0.03,0.05,0.075,0.1,0.15
+    torchrun --nproc_per_node=8 tools/ema_sweep.py --outdir runs/cifar10-E --num-images 10000 sample.batch=512
 
-Each sigma_rel is sampled and scored by sample.py --score (FD, KID, precision and recall with the
-dataset's default features, or --metric-features) and probed by probe.py, with `--ema sigma_rel=X`;
-the rows land in the run's metrics.jsonl and probe JSON files as usual, and this script gathers them
-into OUTDIR/ema_sweep_epoch_<N>.{json,png}. The curve chooses nothing: the best point of N is for
-the reader, and compare.py labels it "best of N".
+Each sigma_rel is sampled and scored as sample.py --score does (FD, KID, precision and recall with the
+dataset's default features, or --metric-features) and probed as probe.py does, with `--ema sigma_rel=X`,
+in this process (under torchrun, on all its ranks); each reconstruction is built once by rank 0 into
+OUTDIR/posthoc/ and read from there by sampling and probe alike. The rows land in the run's
+metrics.jsonl and probe JSON files as usual, and this script gathers them into
+OUTDIR/ema_sweep_epoch_<N>.{json,png}. The curve chooses nothing: the best point of N is for the
+reader, and compare.py labels it "best of N". The run's own config.yaml is used unless --config is given;
+section.key=value overrides apply to sampling and probing alike.
 """
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[0] = ROOT  # import tools.* and the entry scripts from the repository root
 
-from tools.checkpoint import load_epoch  # noqa: E402
+import probe  # noqa: E402
+import sample  # noqa: E402
+from tools import dist  # noqa: E402
+from tools.checkpoint import atomic_write, load_epoch  # noqa: E402
 from tools.cli import UserError, run_main  # noqa: E402
 from tools.compare import read_jsonl, read_probe_results  # noqa: E402
-from tools.config import load_config  # noqa: E402
+from tools.runs import resolve  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--outdir", help="the run directory (default: train.outdir of the config)")
+    p.add_argument("--outdir", help="the run directory; its config.yaml is the config unless --config is given")
+    p.add_argument("--config", help="a YAML config instead of the run's own")
     p.add_argument("--epoch", type=int, help="checkpoint whose time the reconstructions target (default: newest)")
     p.add_argument("--sigma-rels", default="0.03,0.05,0.075,0.10,0.15,0.20")
     p.add_argument("--num-images", type=int, default=1000, help="samples per sigma_rel for the quality metrics")
     p.add_argument("--metric-features", choices=("classifier", "inception"), help="features for the metrics (default: per dataset)")
     p.add_argument("--inception-weights")
     p.add_argument("--no-probe", action="store_true")
-    return p.parse_args()
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. sample.batch=512 sample.steps=32")
+    return p.parse_args(argv)
 
 
-def run(*args):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT)
-    if proc.returncode != 0:
-        raise UserError(f"{' '.join(args[:1])} failed (exit {proc.returncode}); see its message above")
-
-
-def main():
-    args = parse_args()
-    cfg = load_config(args.config)
-    outdir = args.outdir or cfg["train"]["outdir"]
+def main(argv=None):
+    args = parse_args(argv)
+    cfg, outdir = resolve(args.config, args.outdir, args.overrides)
     try:
         sigma_rels = [float(s) for s in args.sigma_rels.split(",")]
     except ValueError:
         raise UserError(f"--sigma-rels must be comma-separated numbers, got {args.sigma_rels!r}") from None
     epoch = load_epoch(outdir, args.epoch, required=("epoch",))["epoch"]
-    common = ["--config", args.config, "--outdir", outdir, "--epoch", str(epoch)]
-    for s in sigma_rels:
-        ema = f"sigma_rel={s:g}"
-        print(f"--- {ema}", flush=True)
-        run("sample.py", *common, "--ema", ema, "--seeds", f"0-{args.num_images - 1}", "--score",
-            *(["--metric-features", args.metric_features] if args.metric_features else []),
-            *(["--inception-weights", args.inception_weights] if args.inception_weights else []))
-        if not args.no_probe:
-            run("probe.py", *common, "--ema", ema)
+    common = ["--outdir", outdir, "--epoch", str(epoch), *(["--config", args.config] if args.config else [])]
+    with dist.session():
+        for s in sigma_rels:
+            ema = f"sigma_rel={s:g}"
+            dist.print0(f"--- {ema}")
+            sample.main([*common, "--ema", ema, "--seeds", f"0-{args.num_images - 1}", "--score",
+                         *(["--metric-features", args.metric_features] if args.metric_features else []),
+                         *(["--inception-weights", args.inception_weights] if args.inception_weights else []), *args.overrides])
+            if not args.no_probe:
+                probe.main([*common, "--ema", ema, *args.overrides])
+        if dist.rank() == 0:
+            summarise(outdir, epoch, sigma_rels)
 
+
+def summarise(outdir, epoch, sigma_rels):
     rows = []
     metrics = [r for r in read_jsonl(os.path.join(outdir, "metrics.jsonl")) if r.get("kind") == "quality" and r.get("epoch") == epoch]
     probes = [r for r in read_probe_results(outdir) if r.get("epoch") == epoch]
@@ -79,8 +84,7 @@ def main():
             row["probe_acc"] = accs[-1]["test_accuracy_pct"]
         rows.append(row)
     base = os.path.join(outdir, f"ema_sweep_epoch_{epoch}")
-    with open(base + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
+    atomic_write(base + ".json", lambda f: f.write(json.dumps(rows, indent=1).encode()))
     plot(rows, base + ".png", os.path.basename(os.path.normpath(outdir)))
     for r in rows:
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))

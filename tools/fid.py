@@ -2,7 +2,7 @@
 
     python tools/fid.py ref --config config/cifar10/E.yaml --out refs/cifar10-train.npz   # torchrun works too
     python tools/fid.py score runs/cifar10-E/samples/epoch_1999-classic-heun18 refs/cifar10-train.npz
-    python tools/fid.py A.npz B.npz                                                       # FID of two statistics files
+    python tools/fid.py compare A.npz B.npz                                               # FID of two statistics files
 
 Reference statistics are pytorch-fid's .npz (mu, sigma), so `python -m pytorch_fid A.npz B.npz` gives the
 same FID (it builds its network even then, so it needs the weights in the torch hub cache), plus `features`:
@@ -18,9 +18,12 @@ if __name__ == "__main__":
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # import tools.* from the repo root, not tools/
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
+import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ import torch
 from tools import dist
 from tools.checkpoint import atomic_write
 from tools.cli import UserError, run_main
+from tools.data import cache_dir
 from tools.metrics import KID_SUBSET_SIZE, frechet_distance, kid  # noqa: F401 (fid.KID_SUBSET_SIZE stays importable)
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -145,44 +149,87 @@ def build_inception(weights_path=None, random_weights=False, device="cpu"):
     The weights come from a local file, never the network. random_weights=True is for tests: a fixed random
     network whose name, `model.extractor`, says RANDOM wherever its statistics are written.
     """
-    import torchvision
     import pytorch_fid.inception as fid_inception
-    from contextlib import ExitStack
-    from unittest import mock
 
-    path = None
-    if random_weights:
-        state_dict, extractor = None, "inception-v3-RANDOM"
-    else:
-        path = find_inception_weights(weights_path)
-        if path is None:
-            raise UserError(f"scoring needs pytorch-fid's Inception weights {WEIGHTS_FILE}: pass --inception-weights PATH, set "
-                            f"FID_INCEPTION_WEIGHTS=PATH or put it in {os.path.join(torch.hub.get_dir(), 'checkpoints')} "
-                            f"(on a machine with internet: {WEIGHTS_URL})")
-        state_dict, extractor = _load_weights(path)
-
-    with ExitStack() as stack, torch.random.fork_rng(devices=[]):
-        # pytorch-fid's constructor would download the weights: hand it the local state dict instead.
-        stack.enter_context(mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state_dict))
+    with tempfile.TemporaryDirectory(prefix="fid-hub-") as tmp:
         if random_weights:
-            stack.enter_context(mock.patch.object(torchvision.models.inception.Inception3, "load_state_dict", lambda *args, **kwargs: None))
-        torch.default_generator.manual_seed(0)
-        try:
-            model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]], resize_input=True, normalize_input=True)
-        except RuntimeError as e:
-            raise UserError(f"{path}: not pytorch-fid's Inception weights "
-                            f"({str(e).splitlines()[0]}); get {WEIGHTS_URL}") from None
-        if random_weights:
-            # PyTorch's default init shrinks pool3 activations to ~1e-8, which would make every random-net FID ~0.
-            for m in model.modules():
-                if isinstance(m, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            path, extractor = os.path.join(tmp, "inception-v3-random.pth"), "inception-v3-RANDOM"
+            torch.save(random_inception_state_dict(), path)
+        else:
+            path = find_inception_weights(weights_path)
+            if path is None:
+                raise UserError(f"scoring needs pytorch-fid's Inception weights {WEIGHTS_FILE}: pass --inception-weights PATH, set "
+                                f"FID_INCEPTION_WEIGHTS=PATH or put it in {os.path.join(torch.hub.get_dir(), 'checkpoints')} "
+                                f"(on a machine with internet: {WEIGHTS_URL})")
+            extractor = _weights_name(path)
+        # The constructor's default init draws from the global RNG: leave the caller's stream as it was.
+        with _hub_cache_holding(path, tmp), torch.random.fork_rng(devices=[]):
+            try:
+                model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]], resize_input=True, normalize_input=True)
+            except RuntimeError as e:
+                raise UserError(f"{path}: not pytorch-fid's Inception weights "
+                                f"({str(e).splitlines()[0]}); get {WEIGHTS_URL}") from None
     model.extractor = extractor
     return model.eval().requires_grad_(False).to(device)
 
 
-def _load_weights(path):
-    """(state dict, extractor name); a file other than the published one still loads but is named unverified."""
+@contextlib.contextmanager
+def _hub_cache_holding(path, tmp):
+    """torch.hub's cache holds `path` as checkpoints/WEIGHTS_FILE while the block runs, so pytorch-fid's constructor, whose
+    load_state_dict_from_url(FID_WEIGHTS_URL) loads <hub dir>/checkpoints/<URL file name> when it exists (no hash check)
+    and downloads otherwise, loads `path`. The real cache is used when `path` is its file, else the empty folder `tmp`."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
+    if os.path.isfile(cached) and os.path.samefile(path, cached):
+        yield
+        return
+    os.makedirs(os.path.join(tmp, "checkpoints"))
+    link = os.path.join(tmp, "checkpoints", WEIGHTS_FILE)
+    try:
+        os.symlink(os.path.abspath(path), link)
+    except OSError:  # a file system without symlinks
+        shutil.copyfile(path, link)
+    if not os.path.isfile(link):  # torch.hub would download it
+        raise UserError(f"{path}: cannot be read through {link}; copy it to {cached}")
+    # set_dir pins the hub dir; restoring None (not get_dir()'s value) lets $TORCH_HOME steer it again afterwards.
+    pinned = torch.hub._hub_dir
+    torch.hub.set_dir(tmp)
+    try:
+        yield
+    finally:
+        torch.hub._hub_dir = pinned
+
+
+def random_inception_state_dict(seed=0):
+    """A state dict with exactly the keys and shapes of pytorch-fid's FID Inception, random: for tests, no file needed.
+
+    Built as pytorch-fid's fid_inception_v3 builds its network; the convs are kaiming-initialised because PyTorch's
+    default init shrinks pool3 activations to ~1e-8, which would make every random-network FID ~0."""
+    import torchvision
+    from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inception = torchvision.models.inception.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+        inception.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        inception.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        inception.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        inception.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        inception.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        inception.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        inception.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        inception.Mixed_7b = FIDInceptionE_1(1280)
+        inception.Mixed_7c = FIDInceptionE_2(2048)
+        for m in inception.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return inception.state_dict()
+
+
+def _weights_name(path):
+    """The extractor name of a weights file; a file other than the published one is named unverified, with a warning.
+
+    The file is read here with weights_only=True, as pytorch-fid's own load is not: a pickle that is not a plain state
+    dict fails here in one line instead of running."""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -196,10 +243,10 @@ def _load_weights(path):
         raise UserError(f"{path}: not a state dict; replace it with {WEIGHTS_URL}")
     sha = h.hexdigest()
     if sha.startswith(WEIGHTS_SHA256_PREFIX):
-        return state_dict, "inception-v3-pytorch-fid"
+        return "inception-v3-pytorch-fid"
     print(f"warning: {path} is not the published {WEIGHTS_FILE} (sha256 {sha[:8]}...): FIDs are not comparable to published ones",
           file=sys.stderr, flush=True)
-    return state_dict, f"inception-v3-unverified-{sha[:8]}"
+    return f"inception-v3-unverified-{sha[:8]}"
 
 
 def features_of_images(model, images, batch=200, device=None, stats=None):
@@ -245,27 +292,35 @@ def compute_reference(cfg, out_path, weights_path=None, random_weights=False, ba
     for i in range(0, len(mine), batch):
         features_of_images(model, images[mine[i:i + batch]], batch, device, stats)
     stats.all_reduce()
-    if rank != 0:
-        dist.barrier()
-        return None
-    mu, sigma = stats.mu_sigma()
-    features = stats.features()[:REF_FEATURES].astype(np.float16)
-    info = dict(dataset=cfg["data"]["dataset"], split="train", count=stats.num, resolution=cfg["network"]["img_resolution"],
-                channels=cfg["network"]["img_channels"], extractor=model.extractor, kid_features=len(features),
-                weights_file=None if random_weights else os.path.basename(find_inception_weights(weights_path)))
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    atomic_write(out_path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=features))
-    atomic_write(out_path[:-4] + ".json", lambda f: f.write(json.dumps(info, indent=1).encode()))
-    dist.barrier()
-    return mu, sigma
+
+    def write():
+        mu, sigma = stats.mu_sigma()
+        features = stats.features()[:REF_FEATURES].astype(np.float16)
+        info = dict(dataset=cfg["data"]["dataset"], split="train", count=stats.num, resolution=cfg["network"]["img_resolution"],
+                    channels=cfg["network"]["img_channels"], extractor=model.extractor, kid_features=len(features),
+                    weights_file=None if random_weights else os.path.basename(find_inception_weights(weights_path)))
+        atomic_write(out_path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=features))
+        atomic_write(out_path[:-4] + ".json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+    dist.on_rank0(write)  # a failed write stops every rank with its message; none is left waiting
+    return stats.mu_sigma() if rank == 0 else None
+
+
+def reference_path(cfg):
+    """DATA_CACHE/fid-refs/<dataset>-<resolution>px[-<root hash>].npz: where --fid auto keeps a training split's
+    statistics (image folders are told apart by their absolute path)."""
+    d, n = cfg["data"], cfg["network"]
+    name = f"{d['dataset']}-{n['img_resolution']}px"
+    if d["dataset"] == "folder":
+        name += "-" + hashlib.sha256(os.path.abspath(d["root"]).encode()).hexdigest()[:8]
+    return cache_dir(cfg, "fid-refs", name + ".npz")
 
 
 def auto_reference(cfg, weights_path=None, device="cpu"):
-    """DATA_ROOT/fid-refs/<dataset>-<resolution>.npz, the training split's statistics, computed on first use."""
-    d, n = cfg["data"], cfg["network"]
-    path = os.path.join(d["root"], "fid-refs", f"{d['dataset']}-{n['img_resolution']}.npz")
-    if not os.path.exists(path):
-        print(f"reference statistics: computing {path} from the training split", flush=True)
+    """The training split's statistics at reference_path(cfg), computed on first use. Collective under torchrun:
+    rank 0 decides, and every rank computes its share of a missing reference."""
+    path = reference_path(cfg)
+    if not dist.broadcast(os.path.exists(path)):
+        dist.print0(f"reference statistics: computing {path} from the training split on {dist.world_size()} rank(s)")
         compute_reference(cfg, path, weights_path=weights_path, device=device)
     return path
 
@@ -356,31 +411,33 @@ def score_folder(folder, ref_path, weights_path=None, random_weights=False, devi
 # Command line.
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    mode = argv[0] if argv and argv[0] in ("ref", "score") else "fid"
-    p = argparse.ArgumentParser(prog=f"fid.py{'' if mode == 'fid' else ' ' + mode}", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    if mode == "fid":
-        p.add_argument("a", metavar="A.npz", help="statistics file")
-        p.add_argument("b", metavar="B.npz", help="statistics file")
-    elif mode == "ref":
-        p.add_argument("--config", required=True, help="the YAML config whose training split is the reference")
-        p.add_argument("--out", required=True, metavar="PATH.npz", help="statistics file to write (plus PATH.json)")
-        p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    else:
-        p.add_argument("folder", help="folder of PNGs (searched recursively)")
-        p.add_argument("ref", metavar="REF.npz", help="reference statistics")
-        p.add_argument("--kid-subsets", type=int, default=100)
-    if mode != "fid":
-        p.add_argument("--inception-weights", metavar="PATH", help=f"local {WEIGHTS_FILE} (or set FID_INCEPTION_WEIGHTS)")
-        p.add_argument("--random-weights", action="store_true", help="random Inception, for tests only")
-        p.add_argument("--batch", type=int, default=200, help="images per forward")
-    args = p.parse_args(argv if mode == "fid" else argv[1:])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 2 and all(a.endswith(".npz") for a in argv):
+        argv = ["compare", *argv]  # the bare form `fid.py A.npz B.npz` that docs/METRICS.md shows
+    p = argparse.ArgumentParser(prog="fid.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True, title="commands")
 
-    if mode == "fid":
+    ref = commands.add_parser("ref", help="statistics of a config's training split")
+    ref.add_argument("--config", required=True, help="the YAML config whose training split is the reference")
+    ref.add_argument("--out", required=True, metavar="PATH.npz", help="statistics file to write (plus PATH.json)")
+    ref.add_argument("overrides", nargs="*", metavar="section.key=value")
+    score = commands.add_parser("score", help="FID and KID of a folder of PNGs against REF.npz")
+    score.add_argument("folder", help="folder of PNGs (searched recursively)")
+    score.add_argument("ref", metavar="REF.npz", help="reference statistics")
+    score.add_argument("--kid-subsets", type=int, default=100)
+    for q in (ref, score):
+        q.add_argument("--inception-weights", metavar="PATH", help=f"local {WEIGHTS_FILE} (or set FID_INCEPTION_WEIGHTS)")
+        q.add_argument("--random-weights", action="store_true", help="random Inception, for tests only")
+        q.add_argument("--batch", type=int, default=200, help="images per forward")
+    compare = commands.add_parser("compare", help="FID of two statistics files (no network is loaded)")
+    compare.add_argument("a", metavar="A.npz", help="statistics file")
+    compare.add_argument("b", metavar="B.npz", help="statistics file")
+    args = p.parse_args(argv)
+
+    if args.command == "compare":
         (mu1, sigma1, _), (mu2, sigma2, _) = load_stats(args.a), load_stats(args.b)
         print(repr(frechet_distance(mu1, sigma1, mu2, sigma2)))
-    elif mode == "ref":
+    elif args.command == "ref":
         from tools.config import load_config
         cfg = load_config(args.config, args.overrides)
         _, _, device = dist.init()

@@ -1,4 +1,4 @@
-"""Magnitude-preserving primitives (EDM2, Karras et al. 2024, sections 2.3 and 3; brief section 2).
+"""Magnitude-preserving primitives (EDM2, Karras et al. 2024, sections 2.3 and 3).
 
 Each function keeps the expected RMS of unit-RMS, uncorrelated inputs at 1.
 """

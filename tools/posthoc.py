@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc EMA reconstruction (EDM2 section 3; brief section 4).
+"""Power-function EMA and post-hoc EMA reconstruction (EDM2 section 3).
 
 A power-function EMA with exponent gamma averages the training trajectory theta(tau) with the profile
     p(tau) = (gamma + 1) / t^(gamma + 1) * tau^gamma  on [0, t],  t = training images seen,

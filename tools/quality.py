@@ -10,7 +10,6 @@ reported as mean and std over the blocks, with the block size, so that two runs'
 told apart from noise. Memorisation is measured in pixels, whatever the features.
 """
 
-import os
 
 import numpy as np
 import torch
@@ -37,16 +36,16 @@ def _extract(extractor, model, images, device):
     return features_of_images(model, images, device=device), None
 
 
-def reference(cfg, extractor, model, device, inception_weights=None):
+def reference(cfg, extractor, model, device, inception_weights=None, inception_ref=None):
     """(mu, sigma, features) of the training split: all of it for the classifier; for Inception, the FID
-    reference statistics of the whole split with the up to 10,000 features they keep (computed once into
-    DATA_ROOT/fid-refs/, as sample.py --fid auto does)."""
+    reference statistics of the whole split with the up to 10,000 features they keep (`inception_ref`, or
+    computed once into DATA_CACHE/fid-refs/ as sample.py --fid auto does)."""
     if extractor == "classifier":
         images, _ = load_dataset(cfg, "train")
         feats = _extract(extractor, model, images, device)[0]
         return (*metrics.feature_stats(feats), feats)
     from tools import fid
-    path = fid.auto_reference(cfg, inception_weights, device)
+    path = inception_ref or fid.auto_reference(cfg, inception_weights, device)
     mu, sigma, feats = fid.load_stats(path)
     if feats is None:
         raise UserError(f"{path} keeps no features (pytorch-fid's own statistics?): delete it so that it is recomputed")
@@ -65,12 +64,14 @@ def build_extractor(cfg, extractor, device, inception_weights=None):
     return model
 
 
-def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, out_dir=None, inception_weights=None):
+def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_path=None, inception_weights=None,
+                  inception_ref=None):
     """Quality metrics of uint8 samples [N, C, H, W] (in seed order) against the config's dataset.
 
     Returns a dict: for each metric its mean over `blocks` disjoint blocks and `<metric>_std`, plus
     `count`, `blocks`, `block_size`, `extractor` and, for the classifier, its `classifier_test_accuracy`.
-    With `out_dir`, the samples closest to a training image are saved next to it in nearest_pairs.png.
+    With `pairs_path`, the samples closest to a training image are saved beside them in that PNG. Memorisation
+    needs the dataset's test split (its distances to the training set set the threshold); without one it is skipped.
     """
     extractor = extractor or default_extractor(cfg)
     samples = torch.as_tensor(samples)
@@ -78,12 +79,16 @@ def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, out_dir=
     if n < 10:
         raise UserError(f"scoring needs at least {10 * blocks} samples ({blocks} blocks of 10), got {len(samples)}")
     model = build_extractor(cfg, extractor, device, inception_weights)
-    mu_ref, sigma_ref, ref = reference(cfg, extractor, model, device, inception_weights)
+    mu_ref, sigma_ref, ref = reference(cfg, extractor, model, device, inception_weights, inception_ref)
     feats, probs = _extract(extractor, model, samples[:n * blocks], device)
 
     train, _ = load_dataset(cfg, "train")
-    heldout, _ = load_dataset(cfg, "test")
-    heldout_dist, _ = metrics.nearest_distances(heldout.to(device), train.to(device))
+    try:
+        heldout, _ = load_dataset(cfg, "test")
+        heldout_dist, _ = metrics.nearest_distances(heldout.to(device), train.to(device))
+    except UserError as e:
+        print(f"memorisation not measured: {e}", flush=True)
+        heldout_dist = None
     sample_dist, sample_idx = metrics.nearest_distances(samples[:n * blocks].to(device), train.to(device))
 
     name = f"FD_{model.name}"
@@ -98,7 +103,8 @@ def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, out_dir=
         row.update(metrics.precision_recall(real, f, k=3))
         if probs is not None:
             row.update(metrics.class_coverage(probs[s]))
-        row.update(metrics.memorisation(sample_dist[s], heldout_dist))
+        if heldout_dist is not None:
+            row.update(metrics.memorisation(sample_dist[s], heldout_dist))
         per_block.append(row)
     out = dict(extractor=model.name, count=n * blocks, blocks=blocks, block_size=n, reference_count=len(ref))
     for key in per_block[0]:
@@ -106,8 +112,8 @@ def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, out_dir=
         out[key], out[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1))
     if extractor == "classifier":
         out["classifier_test_accuracy"] = model.test_accuracy
-    if out_dir is not None:
-        out["nearest_pairs"] = metrics.save_nearest_pairs(os.path.join(out_dir, "nearest_pairs.png"),
+    if pairs_path is not None:
+        out["nearest_pairs"] = metrics.save_nearest_pairs(pairs_path,
                                                           samples[:n * blocks], train, sample_idx, sample_dist)
     return out
 
@@ -120,5 +126,6 @@ def format_line(r):
     if "class_entropy" in r:
         parts.append(f"class entropy: {r['class_entropy']:.3f}/{r['class_entropy_max']:.3f}")
         parts.append(f"confidence: {r['confidence']:.3f}")
-    parts.append(f"memorised: {100 * r['memorised_fraction']:.1f}% +- {100 * r['memorised_fraction_std']:.1f}%")
+    if "memorised_fraction" in r:
+        parts.append(f"memorised: {100 * r['memorised_fraction']:.1f}% +- {100 * r['memorised_fraction_std']:.1f}%")
     return "  ".join(parts) + f"  ({r['blocks']} blocks of {r['block_size']} samples)"

@@ -1,0 +1,110 @@
+"""Terminal output that also reads well in a cluster's log file.
+
+- progress(): a tqdm bar on a terminal; elsewhere (a batch job's stdout is a file) one plain line every
+  `every_s` seconds and at the end, never carriage returns.
+- to_run_log(outdir): from then on, this process's stdout and stderr are also appended to OUTDIR/log.txt,
+  after a header with the time, host and command.
+"""
+
+import os
+import socket
+import sys
+import time
+
+
+class _Tee:
+    """A text stream that writes to a console stream and to a log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.stream.write(text)
+        self.log.write(text)
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+_logs = {}  # path -> open file, so that nested entry points (ema_sweep -> sample) tee once
+
+
+def to_run_log(outdir):
+    """Append this process's stdout and stderr to OUTDIR/log.txt as well (call on rank 0 only)."""
+    path = os.path.abspath(os.path.join(outdir, "log.txt"))
+    if path in _logs:
+        return path
+    os.makedirs(outdir, exist_ok=True)
+    log = _logs[path] = open(path, "a", buffering=1)
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} pid {os.getpid()}: "
+              f"{' '.join([os.path.basename(sys.executable), *sys.argv])}\n")
+    sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+    return path
+
+
+def interactive():
+    """True when stderr is a terminal (tqdm bars), False in batch jobs and pipes (plain lines)."""
+    stream = sys.stderr.stream if isinstance(sys.stderr, _Tee) else sys.stderr
+    return stream.isatty()
+
+
+class _Plain:
+    """tqdm's interface (update, set_postfix, close) printing one line per `every_s` seconds."""
+
+    def __init__(self, total, initial, desc, unit, every_s):
+        self.total, self.n, self.desc, self.unit, self.every_s = total, initial, desc, unit, every_s
+        self.start_n, self.start = initial, time.time()
+        self.last, self.postfix = self.start, ""
+
+    def update(self, n=1):
+        self.n += n
+        now = time.time()
+        if now - self.last >= self.every_s or self.n >= self.total:
+            self.last = now
+            self._line(now)
+
+    def set_postfix(self, refresh=False, **values):
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+
+    def _line(self, now):
+        rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 * 30 else "?"
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.desc} {self.n}/{self.total} {self.unit}s "
+              f"({100 * self.n / max(self.total, 1):.1f}%), {rate:.3g} {self.unit}/s, eta {eta_text}"
+              + (f", {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+class _Silent:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, refresh=False, **values):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress(total, initial=0, desc="", unit="step", enabled=True, every_s=60.0):
+    """A progress display for `total` units: tqdm on a terminal (not copied into log.txt), plain lines otherwise."""
+    if not enabled:
+        return _Silent()
+    if interactive():
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.__stderr__)
+    return _Plain(total, initial, desc, unit, every_s)

@@ -1,0 +1,248 @@
+"""Features of a frozen network for the linear probe (probe.py): block names, noise levels, extraction
+with forward hooks, and the cache under OUTDIR/probe/features/.
+
+Image i of a split draws its noise from its own seed (i + SEED_STRIDE * stream), so the features do not
+depend on the batch size or the number of ranks.
+"""
+
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+from tools import dist
+from tools.checkpoint import atomic_save, list_checkpoints
+from tools.cli import UserError
+from tools.config import build_network
+from tools.data import to_float
+from tools.edm import Denoiser
+from tools.runs import load_net
+from tools.sampler import edm_sigmas
+
+SEED_STRIDE = 10_000_000  # seed of image i = i + SEED_STRIDE * stream; datasets stay far below 10M images
+STREAMS = {("train", False): 0, ("train", True): 1, ("test", False): 2}  # (split, x-flipped) -> seed stream
+CACHE_VERSION = 1  # bump when the meaning of a cached feature file changes
+
+
+def log(*args):
+    """Progress goes to stderr (rank 0), so that stdout starts with the result."""
+    if dist.rank() == 0:
+        print(*args, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks and noise levels.
+
+def list_blocks(cfg):
+    """[(name, channels, resolution)] of every encoder and decoder block in forward order, named
+    'enc.<key>' / 'dec.<key>' after the UNet's ModuleDicts (e.g. dec.8x8_block1). Built on the meta device."""
+    n = cfg["network"]
+    with torch.device("meta"):
+        net = build_network(cfg).eval()
+        shapes = {}
+        for name, module in named_blocks(net):
+            module.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o.shape))
+        labels = torch.zeros(1, n["label_dim"]) if n["label_dim"] else None
+        net(torch.zeros(1, n["img_channels"], n["img_resolution"], n["img_resolution"]), torch.zeros(1), labels)
+    return [(name, shapes[name][1], shapes[name][2]) for name, _ in named_blocks(net)]
+
+
+def named_blocks(net):
+    return [(f"enc.{k}", m) for k, m in net.enc.items()] + [(f"dec.{k}", m) for k, m in net.dec.items()]
+
+
+def default_block(blocks):
+    """The DDAE reference position: the second decoder block at the second-lowest resolution
+    (dec.8x8_block1 for a 32x32 network with levels 32/16/8/4)."""
+    resolutions = sorted({res for _, _, res in blocks})
+    if len(resolutions) < 2 or f"dec.{resolutions[1]}x{resolutions[1]}_block1" not in {b[0] for b in blocks}:
+        raise UserError("this network has no second-lowest-resolution decoder block1; set probe.block (see --list-blocks)")
+    return f"dec.{resolutions[1]}x{resolutions[1]}_block1"
+
+
+def check_block(name, blocks):
+    names = [b[0] for b in blocks]
+    if name not in names:
+        hint = f" (did you mean dec.{name}?)" if f"dec.{name}" in names else ""
+        raise UserError(f"unknown block {name!r}{hint}; the blocks of this network: {', '.join(names)} (see --list-blocks)")
+    return name
+
+
+def sigma_of_t(cfg, t):
+    """Noise level at index t of the reversed sampling schedule [0, sigma_min, ..., sigma_max] of the
+    config's sampler (sample.steps, sigma_min, sigma_max, rho); DDAE's t = 4 is sigma = 0.0599 with 18 steps."""
+    s = cfg["sample"]
+    schedule = edm_sigmas(s["steps"], s["sigma_min"], s["sigma_max"], s["rho"]).flip(0).tolist()
+    if not 1 <= t < len(schedule):
+        raise UserError(f"--t must be between 1 and {len(schedule) - 1} (index 0 is sigma = 0, the clean image)")
+    return schedule[t]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature extraction.
+
+class _StopForward(Exception):
+    """Raised by the hook of the last block needed: the rest of the network does not run."""
+
+
+def image_noise(seeds, shape):
+    """Unit Gaussian noise [len(seeds), *shape], image k drawn from a CPU generator seeded with seeds[k]
+    (the same numbers on any device, batch size or rank split)."""
+    g = torch.Generator()
+    return torch.stack([torch.randn(shape, generator=g.manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def extract_features(net, sigma_data, images, sigma, blocks, seeds, batch, flip=False):
+    """{block: float32 [N, C]}: pooled activations of `blocks` for images (uint8 [N, C, H, W] on the
+    network's device) + sigma * noise, flipped horizontally first if `flip`. Under torchrun each rank runs
+    the images rank, rank + world, ... and the rows are gathered back into index order on every rank."""
+    device = next(net.parameters()).device
+    rank, world = dist.rank(), dist.world_size()
+    mine = torch.arange(rank, len(images), world)
+    forward_order = [name for name, _ in named_blocks(net)]
+    last = max(blocks, key=forward_order.index)
+    modules = dict(named_blocks(net))
+    label_dim = getattr(net, "label_dim", 0)
+    pooled = {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            pooled[name] = output.to(torch.float32).mean(dim=(2, 3))
+            if name == last:
+                raise _StopForward
+        return fn
+
+    out = {b: torch.empty(len(mine), modules[b].out_channels, device=device) for b in blocks}
+    handles = [modules[b].register_forward_hook(hook(b)) for b in blocks]
+    denoiser = Denoiser(net, sigma_data)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        for start in range(0, len(mine), batch):
+            idx = mine[start:start + batch]
+            x = to_float(images[idx.to(images.device)])
+            noise = image_noise(seeds[idx], x.shape[1:]).to(device, non_blocking=True)
+            if flip:
+                x = x.flip(3)
+            labels = torch.zeros(len(idx), label_dim, device=device) if label_dim else None  # unconditional
+            with amp:
+                try:
+                    denoiser(x + sigma * noise, sigma, labels)
+                except _StopForward:
+                    pass
+            for b in blocks:
+                out[b][start:start + len(idx)] = pooled[b]
+    finally:
+        for h in handles:
+            h.remove()
+    return {b: gather_strided(f, len(images)).cpu() for b, f in out.items()}
+
+
+def gather_strided(x, n):
+    """Reassemble rows held rank-strided (rank r has rows r, r + world, ...) into [n, ...] on every rank."""
+    world = dist.world_size()
+    if world == 1:
+        return x
+    per_rank = -(-n // world)
+    padded = x.new_zeros(per_rank, *x.shape[1:])
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    out = x.new_empty(n, *x.shape[1:])
+    for r, part in enumerate(parts):
+        out[r::world] = part[:len(range(r, n, world))]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature cache: OUTDIR/probe/features/epoch_<N>/<ema>/<block>/sigma=<s>/<split>[_flip].pt
+
+class Checkpoint:
+    """The checkpoint a probe reads: epoch, path, and the file identity that keys the cache."""
+
+    def __init__(self, outdir, epoch=None):
+        available = dict(list_checkpoints(outdir))
+        if not available:
+            raise UserError(f"no checkpoint in {os.path.join(outdir, 'checkpoints')}; train first or pass --outdir")
+        if epoch is None:
+            epoch = max(available)
+        if epoch not in available:
+            raise UserError(f"no checkpoint for epoch {epoch} in {os.path.join(outdir, 'checkpoints')} "
+                            f"(available: {', '.join(map(str, sorted(available)))})")
+        st = os.stat(available[epoch])
+        self.outdir, self.epoch, self.path = outdir, epoch, available[epoch]
+        self.identity = dict(checkpoint=os.path.basename(self.path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def feature_path(ckpt, ema, block, sigma, split, flip):
+    return os.path.join(ckpt.outdir, "probe", "features", f"epoch_{ckpt.epoch}", ema, block, f"sigma={sigma:.6g}",
+                        f"{split}{'_flip' if flip else ''}.pt")
+
+
+def feature_meta(ckpt, ema, block, sigma, split, flip, num_images):
+    """What a cached file must have been made from; any difference means extract again."""
+    return dict(version=CACHE_VERSION, **ckpt.identity, ema=ema, block=block, sigma=float(sigma), split=split,
+                flip=flip, num_images=num_images, seed_offset=SEED_STRIDE * STREAMS[split, flip])
+
+
+def read_cached(path, meta):
+    """(features, t_img) from a cache file that matches `meta`, else None."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, partial or foreign file: extract again
+        return None
+    if not isinstance(saved, dict) or saved.get("meta") != meta:
+        return None
+    return saved["features"], saved["t_img"]
+
+
+def write_cached(path, features, meta, t_img):
+    atomic_save(dict(features=features.contiguous(), meta=meta, t_img=t_img), path)
+
+
+def ensure_features(cfg, ckpt, ema, blocks, sigmas, streams, batch, device, images):
+    """Extract and cache every (block, sigma, stream) whose cache file is missing or stale; the network is
+    loaded only if one is. Collective under torchrun: rank 0 decides, every rank extracts its share.
+    Returns t_img of the checkpoint."""
+    missing, t_img = {}, None
+    if dist.rank() == 0:
+        for sigma in sigmas:
+            for split, flip in streams:
+                for b in blocks:
+                    cached = read_cached(feature_path(ckpt, ema, b, sigma, split, flip),
+                                         feature_meta(ckpt, ema, b, sigma, split, flip, len(images[split])))
+                    if cached is None:
+                        missing.setdefault((sigma, split, flip), []).append(b)
+                    else:
+                        t_img = cached[1]
+    missing = dist.broadcast(missing)
+    if not missing:
+        log(f"features: cached ({os.path.join(ckpt.outdir, 'probe', 'features', f'epoch_{ckpt.epoch}', ema)})")
+        return t_img
+
+    net, info = load_net(cfg, ckpt.outdir, ckpt.epoch, ema, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    on_device = {}
+    for (sigma, split, flip), todo in missing.items():
+        if split not in on_device:
+            on_device[split] = images[split].to(device)
+        seeds = torch.arange(len(images[split])) + SEED_STRIDE * STREAMS[split, flip]
+        start = time.time()
+        feats = extract_features(net, cfg["diffusion"]["sigma_data"], on_device[split], sigma, todo, seeds, batch, flip)
+        log(f"features: {len(todo)} block(s) at sigma={sigma:.4g}, {split}{' x-flipped' if flip else ''}, "
+            f"{len(seeds)} images on {dist.world_size()} rank(s): {time.time() - start:.1f} s")
+        if dist.rank() == 0:
+            for b in todo:
+                write_cached(feature_path(ckpt, ema, b, sigma, split, flip), feats[b],
+                             feature_meta(ckpt, ema, b, sigma, split, flip, len(images[split])), info["t_img"])
+    return info["t_img"]
+
+
+def load_features(ckpt, ema, block, sigma, streams, images):
+    """{(split, flip): features} of one cell, from the cache."""
+    return {(split, flip): read_cached(feature_path(ckpt, ema, block, sigma, split, flip),
+                                       feature_meta(ckpt, ema, block, sigma, split, flip, len(images[split])))[0]
+            for split, flip in streams}
