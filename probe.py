@@ -27,6 +27,7 @@ import torch
 from tools import dist
 from tools.checkpoint import checkpoint_path
 from tools.cli import UserError, run_main
+from tools.config import check_ranges
 from tools.data import load_dataset
 from tools.linear_probe import CLASSIFIERS, pixels_baseline, probe_cell, read_json, result_key, save_heatmap, tensorboard_scalar, write_json
 from tools.log import to_run_log
@@ -58,21 +59,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.epoch is not None and args.epoch < 0:
+        raise UserError(f"--epoch must be >= 0, got {args.epoch}")
     cfg, outdir = resolve(args.config, args.outdir, args.overrides)
     p = cfg["probe"]
-    for key in ("block", "ema", "classifier", "xflip", "batch", "sigma"):
-        if getattr(args, key) is not None:
-            p[key] = getattr(args, key)
+    flags = [k for k in ("block", "ema", "classifier", "xflip", "batch", "sigma") if getattr(args, k) is not None]
+    for key in flags:
+        p[key] = getattr(args, key)
     if args.t is not None:
         p["sigma"] = sigma_of_t(cfg, args.t)
     if p["classifier"] not in CLASSIFIERS:
         raise UserError(f"probe.classifier must be one of {', '.join(CLASSIFIERS)}, got {p['classifier']!r}")
-    if not 0 <= p["holdout"] < 1 or not p["C_grid"] or min(p["C_grid"]) <= 0:
-        raise UserError("probe.holdout must be in [0, 1) and probe.C_grid a non-empty list of positive numbers")
-    if p["sigma"] <= 0 or (args.grid and (not p["grid_sigmas"] or min(p["grid_sigmas"]) <= 0)):
-        raise UserError("noise levels must be positive (probe.sigma, probe.grid_sigmas)")
-    if p["batch"] < 1:
-        raise UserError("probe.batch must be at least 1")
+    check_ranges("probe", p, names={k: f"--{k}" for k in flags})  # the flags replace probe.* keys: the same ranges
     kind, sigma_rel = parse_ema(p["ema"])
     p["ema"] = f"sigma_rel={sigma_rel:g}" if kind == "posthoc" else kind
 

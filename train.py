@@ -9,15 +9,18 @@ Everything time-dependent (LR, EMAs, snapshots, checkpoints) is a function of th
 
 import argparse
 import os
+import signal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from tools import dist
-from tools.cli import run_main
+from tools.checkpoint import atomic_write, checkpoint_path, remove_stale_temp
+from tools.cli import Stopped, run_main
 from tools.config import build_edm, dump, load_config
 from tools.log import progress, to_run_log
-from tools.trainer import Batches, Metrics, TrainState, save_grid
+from tools.runs import lock_for_training
+from tools.trainer import Batches, Metrics, StopRequests, TrainState, save_grid
 from tools.training import learning_rate
 
 
@@ -45,10 +48,19 @@ def main():
         train(cfg, rank, world, device)
 
 
+def claim_run_directory(outdir):
+    """Rank 0, before anything is written: the run directory's lock (one training per directory), the temp
+    files that killed writers left behind removed, and log.txt started."""
+    lock_for_training(outdir)
+    removed = remove_stale_temp(outdir)
+    to_run_log(outdir)
+    if removed:
+        print(f"removed {len(removed)} temp file(s) of killed writers, e.g. {removed[0]}", flush=True)
+
+
 def train(cfg, rank, world, device):
     T, outdir = cfg["train"], cfg["train"]["outdir"]
-    if rank == 0:
-        to_run_log(outdir)  # creates outdir
+    dist.on_rank0(claim_run_directory, outdir)  # one writer per run directory, before anything is written
     data = Batches(cfg, rank, world, device)  # the training set on the device; this rank's share of each batch
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -57,12 +69,11 @@ def train(cfg, rank, world, device):
 
     # Model, optimizer, EMAs; resumed from the newest valid checkpoint.
     state = TrainState(cfg, device)
-    if state.resume(outdir):
+    if state.resume(outdir, epoch_img):
         dist.print0(f"resumed {outdir} at epoch {state.t_img // epoch_img} ({state.t_img / 1000:.1f} kimg)")
     step = state.t_img // B
     if rank == 0:
-        with open(os.path.join(outdir, "config.yaml"), "w") as f:
-            f.write(dump(cfg))
+        atomic_write(os.path.join(outdir, "config.yaml"), lambda f: f.write(dump(cfg).encode()))
     if T["compile"]:
         state.edm.net.compile()
     model = DistributedDataParallel(state.edm, device_ids=[device] if device.type == "cuda" else None,
@@ -75,30 +86,48 @@ def train(cfg, rank, world, device):
 
     snapshot_img = round(cfg["ema"]["snapshot_epochs"] * epoch_img)
     pbar = progress(total_steps, initial=step, desc="training", unit="step", enabled=rank == 0)
-    while step < total_steps:
-        lr = learning_rate(state.t_img, T["lr"], T["lr_rampup_epochs"] * epoch_img, T["lr_ref_epochs"] * epoch_img)
-        state.step(model, data.batch(step), data.micro, lr, metrics)
-        step += 1
-        pbar.update(1)
+    try:
+        with StopRequests(T["checkpoint_minutes"], rank, world, device) as stops:
+            while step < total_steps:
+                lr = learning_rate(state.t_img, T["lr"], T["lr_rampup_epochs"] * epoch_img, T["lr_ref_epochs"] * epoch_img)
+                state.step(model, data.batch(step), data.micro, lr, metrics)
+                step += 1
+                pbar.update(1)
 
-        t_img = state.t_img
-        if rank == 0 and snapshot_img > 0 and t_img // snapshot_img > (t_img - B) // snapshot_img:
-            state.emas.save_snapshot(outdir, t_img)
-        end_of_epoch = step % steps_per_epoch == 0
-        if step % T["log_steps"] == 0 or end_of_epoch:
-            row = metrics.log(step, state)
-            pbar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)
-            metrics.check_gradients(t_img)
-        if end_of_epoch:
-            epoch, last = step // steps_per_epoch, step == total_steps
-            if rank == 0 and T["grid_epochs"] and (epoch % T["grid_epochs"] == 0 or last):
-                save_grid(state.emas.classic.ema_model, cfg, outdir, epoch, t_img, metrics.writer, device)
-            if epoch % T["checkpoint_epochs"] == 0 or last:
-                state.check_weights(epoch)
-                if rank == 0:
-                    state.save(outdir, epoch, metrics.file)
-    pbar.close()
-    metrics.close()
+                t_img = state.t_img
+                if rank == 0 and snapshot_img > 0 and t_img // snapshot_img > (t_img - B) // snapshot_img:
+                    state.emas.save_snapshot(outdir, t_img)
+                end_of_epoch = step % steps_per_epoch == 0
+                logged = step % T["log_steps"] == 0 or end_of_epoch
+                if logged:
+                    row = metrics.log(step, state)
+                    pbar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)
+                    metrics.check_gradients(t_img)
+                saved = None
+                if end_of_epoch:
+                    epoch, last = step // steps_per_epoch, step == total_steps
+                    if rank == 0 and T["grid_epochs"] and (epoch % T["grid_epochs"] == 0 or last):
+                        save_grid(state.emas.classic.ema_model, cfg, outdir, epoch, t_img, metrics.writer, device)
+                    if epoch % T["checkpoint_epochs"] == 0 or last:
+                        state.check_weights(epoch)
+                        saved = state.save(outdir, epoch, metrics) if rank == 0 else checkpoint_path(outdir, epoch)
+                        stops.saved()
+
+                # Between epochs: a checkpoint every train.checkpoint_minutes, and on SIGTERM / SIGINT / SIGUSR1 one before stopping.
+                signum, due = stops.poll(step)
+                if (signum or due) and saved is None and step < total_steps:
+                    if not logged:
+                        metrics.log(step, state)  # the non-finite steps counted so far go into the checkpoint
+                    state.check_weights(t_img / epoch_img)
+                    why = signal.Signals(signum).name if signum else f"{T['checkpoint_minutes']:g} minutes"
+                    saved = state.save_resume(outdir, t_img / epoch_img, metrics, why) if rank == 0 else None
+                    stops.saved()
+                if signum and step < total_steps:
+                    raise Stopped(f"stopped by {signal.Signals(signum).name} at {t_img / 1000:.1f} kimg (epoch {t_img / epoch_img:.2f}); "
+                                  f"checkpoint {saved or os.path.join(outdir, 'checkpoints')}. Run the same command to resume.", signum)
+    finally:  # also when stopped: TensorBoard and metrics.jsonl flushed
+        pbar.close()
+        metrics.close()
     dist.print0(f"done: {state.t_img / 1000:.1f} kimg. Checkpoints: {os.path.join(outdir, 'checkpoints')}\n"
                 f"TensorBoard: tensorboard --logdir {os.path.join(outdir, 'tensorboard')}")
 

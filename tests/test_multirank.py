@@ -45,7 +45,8 @@ def test_two_rank_pipeline(two_rank_run, metric_cache, tmp_path):
 
     proc = torchrun("tools/ema_sweep.py", "--outdir", run, "--sigma-rels", "0.1", "--num-images", "40", "sample.steps=4",
                     "probe.C_grid=[1.0]", cache, port=29534)
-    assert os.listdir(os.path.join(run, "posthoc")) == ["sigma_rel-0.1000-000000002560.pt"]  # built once, used twice
+    assert sorted(os.listdir(os.path.join(run, "posthoc"))) == ["sigma_rel-0.1000-000000002560.pt",
+                                                                "sigma_rel-0.1000-000000002560.pt.sha256"]  # built once, used twice
     sweep = json.load(open(os.path.join(run, "ema_sweep_epoch_2.json")))
     assert sweep[0]["sigma_rel"] == 0.1 and sweep[0]["fd"] > 0 and 0 <= sweep[0]["probe_acc"] <= 100
 

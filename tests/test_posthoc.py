@@ -182,7 +182,8 @@ def test_write_reconstruction_writes_once_and_reuses(tmp_path):
     saved = torch.load(path, map_location="cpu", weights_only=True)
     assert saved["sigma_rel"] == 0.075 and saved["t_img"] == 6400 and len(saved["coefficients"]) == 8
     torch.testing.assert_close(saved["net"]["w"], reconstruct(str(tmp_path / "snapshots"), 0.075)[0]["w"])
-    assert [f for f in os.listdir(tmp_path / "posthoc")] == [os.path.basename(path)]  # no temp file left
+    name = os.path.basename(path)
+    assert sorted(os.listdir(tmp_path / "posthoc")) == [name, name + ".sha256"]  # with its checksum; no temp file left
     os.utime(path, ns=(1, 1))
     for _, snap in list_snapshots(str(tmp_path / "snapshots")):
         os.utime(snap, ns=(0, 0))

@@ -56,3 +56,16 @@ def test_batch_job_log(trained_digits_run, tmp_path):
     assert "\r" not in proc.stdout + proc.stderr
     log = open(os.path.join(trained_digits_run, "log.txt")).read()
     assert "sample.py --outdir" in log and f"samples: {tmp_path / 's'}" in log
+
+
+def test_a_mistake_under_torchrun_is_printed_once(trained_digits_run):
+    """Both ranks meet the same missing checkpoint: one line from rank 0, none from rank 1."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "sample.py",
+           "--outdir", trained_digits_run, "--epoch", "3", "--seeds", "0-3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: no checkpoint for epoch 3 in {os.path.join(trained_digits_run, 'checkpoints')} (available: 2, 4)"], proc.stderr

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tools.checkpoint import atomic_save
+from tools.checkpoint import atomic_save, verify
 from tools.cli import UserError
 from tools.data import cache_dir, load_dataset, to_float
 
@@ -122,10 +122,14 @@ def load_or_train(cfg, device="cpu", log=print):
     train_device = torch.device("cpu") if len(images) < SMALL_DATASET else torch.device(device)
     if os.path.isfile(path):
         try:
+            verify(path, "dataset classifier", advice="training it again")
             state = torch.load(path, map_location="cpu", weights_only=True)
             model = Classifier(images.shape[1], num_classes)
             model.load_state_dict(state["model"])
             model.test_accuracy = state["test_accuracy"]
+        except UserError as e:  # checksum mismatch
+            log(str(e))
+            state = None
         except Exception as e:
             log(f"dataset classifier {path} is unreadable ({type(e).__name__}); training it again")
             state = None

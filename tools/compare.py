@@ -81,8 +81,9 @@ def summarize(outdir):
                img_per_s=statistics.median(r["img_per_s"] for r in train_rows[1:] or train_rows) if train_rows else None,
                kimg=max((r["kimg"] for r in train_rows), default=0.0), quality=quality, sweeps=sweeps,
                fids=[r for r in metrics if "fid" in r], probes=read_probe_results(outdir))
-    # Quality at the newest scored epoch with the config's own EMA: nothing is selected.
-    own = [q for q in quality if q["ema"] == row["ema"]]
+    # Quality at the newest scored epoch with the config's own EMA, unguided (a conditional run: its balanced
+    # class mix, sample.py's default): nothing is selected. Guided rows are tools/guidance_sweep.py's business.
+    own = [q for q in quality if q["ema"] == row["ema"] and q.get("guidance", 1) == 1 and q.get("classes", "mix") == "mix"]
     if own:
         row["final_quality"] = max(own, key=lambda q: (q["epoch"], q["count"]))
     row["probe"] = probe_row(row["probes"])
@@ -132,12 +133,14 @@ def table(rows):
                          f"rank by {name}, ties within the combined spread.")
         ranks = rank([(r["final_quality"][kind[0]], r["final_quality"][kind[0] + "_std"]) for r in same]) if same else []
         lines += ["", f"| rank | run | config | params | train img/s | kimg | {kind[0] if kind else 'FD'} | KID | precision | recall | "
-                  f"memorised % | probe test % (chosen on held-out train, of N) | best sigma_rel |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"memorised % | requested-class acc % | probe test % (chosen on held-out train, of N) | best sigma_rel |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: int(ranks[same.index(r)].rstrip("=")) if r in same else 10 ** 9):
             q = r.get("final_quality") if r in same else None
-            cells = ["-"] * 5 if q is None else [pm(q, kind[0], ".3f"), pm(q, "KID", ".4f"), pm(q, "precision", ".3f"),
-                                                 pm(q, "recall", ".3f"), f"{100 * q['memorised_fraction']:.1f} +- {100 * q['memorised_fraction_std']:.1f}"]
+            cells = ["-"] * 6 if q is None else [pm(q, kind[0], ".3f"), pm(q, "KID", ".4f"), pm(q, "precision", ".3f"),
+                                                 pm(q, "recall", ".3f"), f"{100 * q['memorised_fraction']:.1f} +- {100 * q['memorised_fraction_std']:.1f}",
+                                                 "-" if "class_accuracy" not in q else
+                                                 f"{100 * q['class_accuracy']:.1f} +- {100 * q['class_accuracy_std']:.1f}"]
             pr = r["probe"]
             probe = "-" if pr is None else (f"{pr['test_accuracy_pct']:.2f} +- {pr['std']:.2f} (n={pr['num_test']}; "
                                             f"{pr['block']} @ sigma={pr['sigma']:g}, {pr['ema']}, epoch {pr['epoch']}; of {pr['of']})")
@@ -172,7 +175,7 @@ def plots(rows, out):
         written.append(path)
 
     label = lambda r: f"{r['run']} ({r['config']})"
-    own = lambda r: [q for q in r["quality"] if q["ema"] == r["ema"]]
+    own = lambda r: [q for q in r["quality"] if q["ema"] == r["ema"] and q.get("guidance", 1) == 1 and q.get("classes", "mix") == "mix"]
     names = sorted({fd_key(q) for r in rows for q in r["quality"]})
     for name in names:
         figure(f"{name}_vs_kimg.png", [(label(r), [(q["kimg"], q[name], q[name + "_std"]) for q in own(r) if name in q]) for r in rows],

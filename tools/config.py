@@ -50,6 +50,7 @@ DEFAULTS = {
         "precision": "bf16",            # bf16 | fp16 | fp32 autocast on GPU (CPU always runs fp32).
         "compile": False,               # torch.compile the network.
         "checkpoint_epochs": 50,        # Checkpoint cadence (and at the end).
+        "checkpoint_minutes": 30.0,     # Also a resume checkpoint this often (minutes, mid-epoch too); 0 = only per epoch.
         "keep_checkpoints": 3,          # Checkpoints kept on disk (newest); 0 = all.
         "grid_epochs": 50,              # Cadence of the EMA sample grid in TensorBoard; 0 = never.
         "log_steps": 50,                # TensorBoard scalar cadence in optimizer steps.
@@ -98,6 +99,69 @@ CHOICES = {
     ("sample", "sampler"): ("heun", "euler", "dpmpp2m"),
 }
 
+# Allowed values of numeric keys, checked after the types: out of range, a value is not refused where it is used
+# but turns into garbage there (grey images, an empty loop, a crash after a full epoch), so it stops the run here.
+# A rule is '> a', '>= a' or an interval '[a, b)'; a bound may name another key of the same section. For a list,
+# 'each <rule>' applies to every entry and LENGTHS bounds the number of entries. Values must be finite except in
+# UNBOUNDED. Keys absent from a section (a network file without them) are skipped.
+RANGES = {
+    ("network", "img_resolution"): ">= 1",      # and divisible by 2^(levels - 1): see _check_network
+    ("network", "img_channels"): ">= 1",
+    ("network", "label_dim"): ">= 0",
+    ("network", "model_channels"): ">= 1",
+    ("network", "channel_mult"): "each >= 1",
+    ("network", "noise_channels"): ">= 1",      # or None (= model_channels)
+    ("network", "emb_channels"): ">= 1",        # or None (= 4 * model_channels)
+    ("network", "num_blocks"): ">= 0",
+    ("network", "channels_per_head"): ">= 1",
+    ("network", "dropout"): "[0, 1)",
+    ("diffusion", "sigma_data"): "> 0",
+    ("diffusion", "P_std"): "> 0",
+    ("diffusion", "logvar_channels"): ">= 1",
+    ("train", "epochs"): ">= 1",
+    ("train", "batch_size"): ">= 1",
+    ("train", "batch_gpu"): ">= 0",
+    ("train", "lr"): "> 0",
+    ("train", "lr_rampup_epochs"): ">= 0",
+    ("train", "lr_ref_epochs"): ">= 0",
+    ("train", "betas"): "each [0, 1)",
+    ("train", "eps"): "> 0",
+    ("train", "checkpoint_epochs"): ">= 1",
+    ("train", "checkpoint_minutes"): ">= 0",
+    ("train", "keep_checkpoints"): ">= 0",
+    ("train", "grid_epochs"): ">= 0",
+    ("train", "log_steps"): ">= 1",
+    ("train", "max_nonfinite_steps"): ">= 1",
+    ("train", "label_dropout"): "[0, 1)",
+    ("ema", "classic_halflife_kimg"): "> 0",
+    ("ema", "classic_rampup_ratio"): ">= 0",
+    ("ema", "sigma_rels"): "each (0, 1/sqrt(12))",  # where power-function profiles exist (tools/posthoc.py SIGMA_REL_MAX)
+    ("ema", "snapshot_epochs"): ">= 0",
+    ("sample", "steps"): ">= 2",                # 1 jumps from sigma_max straight to 0: one denoiser call, the data mean
+    ("sample", "sigma_min"): "> 0",
+    ("sample", "sigma_max"): "> sigma_min",
+    ("sample", "rho"): "> 0",
+    ("sample", "S_churn"): ">= 0",
+    ("sample", "S_min"): ">= 0",
+    ("sample", "S_max"): ">= S_min",
+    ("sample", "S_noise"): ">= 0",
+    ("sample", "batch"): ">= 1",
+    ("sample", "num_images"): ">= 1",
+    ("probe", "sigma"): "> 0",
+    ("probe", "C_grid"): "each > 0",
+    ("probe", "holdout"): "[0, 1)",
+    ("probe", "grid_sigmas"): "each > 0",
+    ("probe", "batch"): ">= 1",
+}
+LENGTHS = {  # (fewest, most) entries of a list; None = no limit
+    ("network", "channel_mult"): (1, None),
+    ("train", "betas"): (2, 2),
+    ("probe", "C_grid"): (1, None),
+    ("probe", "grid_sigmas"): (1, None),
+}
+UNBOUNDED = {("sample", "S_max")}  # .inf is meaningful here (churn at every noise level)
+_NAMED_BOUNDS = {"1/sqrt(12)": 12 ** -0.5}
+
 
 def _type_name(v):
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(type(v), type(v).__name__)
@@ -128,6 +192,85 @@ def _check_value(where, value, default):
     return value
 
 
+def _bound(text, values):
+    """A rule's bound: another key of the section, a named constant or a number."""
+    if text in values:
+        return values[text]
+    return _NAMED_BOUNDS[text] if text in _NAMED_BOUNDS else float(text)
+
+
+def _satisfies(value, rule, values):
+    """Whether the number `value` meets `rule` ('> a', '>= a', '[a, b)', ...); NaN meets none."""
+    if rule.startswith(">"):
+        op, bound = rule.split(" ", 1)
+        bound = _bound(bound, values)
+        return value >= bound if op == ">=" else value > bound
+    lo, hi = (_bound(b.strip(), values) for b in rule[1:-1].split(","))
+    return (value >= lo if rule[0] == "[" else value > lo) and (value <= hi if rule[-1] == "]" else value < hi)
+
+
+def _describe(rule, section, values, names):
+    """The rule as an error message says it: 'in [0, 1)', '>= 1', '> sample.sigma_min (0.002)'."""
+    if not rule.startswith(">"):
+        return f"in {rule}"
+    op, bound = rule.split(" ", 1)
+    if bound in values:
+        return f"{op} {names.get(bound, f'{section}.{bound}')} ({values[bound]!r})"
+    return rule
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_ranges(section, values, names=None):
+    """Raise UserError unless every key of `values` (one section, types already checked) meets its RANGES rule.
+
+    `names` maps keys to what the user typed, e.g. {'steps': '--steps'} for a command-line flag that replaced
+    sample.steps; the message names `section.key` otherwise."""
+    names = names or {}
+    for (sec, key), rule in RANGES.items():
+        if sec != section or values.get(key) is None:
+            continue
+        where, value = names.get(key, f"{section}.{key}"), values[key]
+        if rule.startswith("each "):
+            rule = rule[len("each "):]
+            fewest, most = LENGTHS.get((section, key), (0, None))
+            count = (f"{fewest} numbers" if fewest == most else "a non-empty list of numbers" if fewest else "a list of numbers")
+            if (not isinstance(value, list) or not fewest <= len(value) <= (most or len(value))
+                    or not all(_is_number(v) and math.isfinite(v) and _satisfies(v, rule, values) for v in value)):
+                raise UserError(f"{where} must be {count}, each {_describe(rule, section, values, names)}, got {value!r}")
+            continue
+        if not _is_number(value):
+            raise UserError(f"{where} must be a number, got {value!r}")
+        if math.isinf(value) and (section, key) not in UNBOUNDED:
+            raise UserError(f"{where} must be finite, got {value!r}")
+        if not _satisfies(value, rule, values):
+            raise UserError(f"{where} must be {_describe(rule, section, values, names)}, got {value!r}")
+
+
+def _check_network(net):
+    """What the UNet's skeleton needs beyond RANGES: whole numbers for sizes, and a resolution that halves evenly
+    at every level (a 6x6 image with three levels would meet its 3x3 skip at 2x2), attention where a level is."""
+    for key in ("img_resolution", "img_channels", "noise_channels", "emb_channels"):
+        if net.get(key) is not None and not (isinstance(net[key], int) and not isinstance(net[key], bool)):
+            raise UserError(f"network.{key} must be an integer, got {net[key]!r}")
+    mult = net.get("channel_mult")
+    if isinstance(mult, list) and not all(isinstance(m, int) and not isinstance(m, bool) for m in mult):
+        raise UserError(f"network.channel_mult must be a list of integers, got {mult!r}")
+    check_ranges("network", net)
+    res = net.get("img_resolution")
+    if mult and res:
+        factor = 2 ** (len(mult) - 1)
+        if res % factor:
+            raise UserError(f"network.img_resolution must be divisible by 2^(len(channel_mult) - 1) = {factor} "
+                            f"(halved at each of the {len(mult)} levels), got {res}")
+        levels = [res >> level for level in range(len(mult))]
+        attn = net.get("attn_resolutions")
+        if isinstance(attn, list) and any(a not in levels for a in attn):
+            raise UserError(f"network.attn_resolutions must be among the UNet's resolutions {levels}, got {attn!r}")
+
+
 def network_defaults(unet_file):
     """The `network` keys a network file accepts, with their defaults (None where there is none)."""
     params = inspect.signature(load_unet_class(unet_file).__init__).parameters
@@ -135,13 +278,16 @@ def network_defaults(unet_file):
 
 
 def load_unet_class(unet_file):
-    path = os.path.join(ROOT, unet_file)
-    if not unet_file.endswith(".py") or os.path.dirname(unet_file) or not os.path.isfile(path):
-        allowed = ", ".join(sorted(f for f in os.listdir(ROOT) if f.startswith("unet") and f.endswith(".py")))
-        raise UserError(f"unet: network file {unet_file!r} does not exist; allowed: {allowed}")
+    # Only unet*.py files: any other module (unet: sample.py) would be imported, side effects and all, before failing.
+    allowed = sorted(f for f in os.listdir(ROOT) if f.startswith("unet") and f.endswith(".py") and os.path.isfile(os.path.join(ROOT, f)))
+    if unet_file not in allowed:
+        raise UserError(f"unet: {unet_file!r} is not a network file; allowed: {', '.join(allowed)}")
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    return importlib.import_module(unet_file[:-3]).UNet
+    unet = getattr(importlib.import_module(unet_file[:-3]), "UNet", None)
+    if not inspect.isclass(unet):
+        raise UserError(f"unet: {unet_file} defines no UNet class; allowed: {', '.join(allowed)}")
+    return unet
 
 
 def _merge(cfg, overrides):
@@ -192,6 +338,9 @@ def validate(raw):
             if missing:
                 raise UserError(f"network.{missing[0]} is required")
             out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+            _check_network(out)
+        else:
+            check_ranges(section, out)
         cfg[section] = out
     return cfg
 

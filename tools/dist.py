@@ -90,7 +90,9 @@ def on_rank0(fn, *args, **kwargs):
             error = str(e)
     result, error = broadcast((result, error))
     if error is not None:
-        raise UserError(error)
+        e = UserError(error)
+        e.shared = True
+        raise e
     return result
 
 

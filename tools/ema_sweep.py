@@ -27,6 +27,7 @@ from tools import dist  # noqa: E402
 from tools.checkpoint import atomic_write, load_epoch  # noqa: E402
 from tools.cli import UserError, run_main  # noqa: E402
 from tools.compare import read_jsonl, read_probe_results  # noqa: E402
+from tools.config import check_ranges  # noqa: E402
 from tools.runs import resolve  # noqa: E402
 
 
@@ -51,6 +52,9 @@ def main(argv=None):
         sigma_rels = [float(s) for s in args.sigma_rels.split(",")]
     except ValueError:
         raise UserError(f"--sigma-rels must be comma-separated numbers, got {args.sigma_rels!r}") from None
+    check_ranges("ema", {"sigma_rels": sigma_rels}, names={"sigma_rels": "--sigma-rels"})  # the range of ema.sigma_rels
+    if args.num_images < 40:  # sample.py --score: 4 seed blocks of at least 10 images (tools/quality.py score_samples)
+        raise UserError(f"--num-images must be >= 40 (4 seed blocks of 10 for the metrics' spread), got {args.num_images}")
     epoch = load_epoch(outdir, args.epoch, required=("epoch",))["epoch"]
     common = ["--outdir", outdir, "--epoch", str(epoch), *(["--config", args.config] if args.config else [])]
     with dist.session():

@@ -13,19 +13,41 @@ import time
 
 
 class _Tee:
-    """A text stream that writes to a console stream and to a log file."""
+    """A text stream that writes to a console stream and to a log file.
+
+    If the log file cannot be written (a full disk), the log is given up with one warning on the console
+    and the console output goes on: a run never stops because of its log."""
+
+    failed_logs = set()  # ids of log files given up; stdout's and stderr's tees share one log, warned about once
 
     def __init__(self, stream, log):
         self.stream, self.log = stream, log
 
     def write(self, text):
         self.stream.write(text)
-        self.log.write(text)
+        self._to_log(lambda log: log.write(text))
         return len(text)
 
     def flush(self):
         self.stream.flush()
-        self.log.flush()
+        self._to_log(lambda log: log.flush())
+
+    def _to_log(self, action):
+        if self.log is None:
+            return
+        try:
+            action(self.log)
+        except Exception as e:
+            log, self.log = self.log, None
+            if id(log) not in _Tee.failed_logs:
+                _Tee.failed_logs.add(id(log))
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+                self.stream.write(f"warning: cannot write {getattr(log, 'name', 'the log file')} ({reason}); "
+                                  f"output continues on the console only\n")
+                try:
+                    log.close()  # drops what is still buffered, so that closing at exit does not fail again
+                except Exception:
+                    pass
 
     def isatty(self):
         return self.stream.isatty()

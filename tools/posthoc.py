@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from tools.checkpoint import atomic_save
+from tools.checkpoint import atomic_save, verify
 from tools.cli import UserError
 
 SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0: the uniform average over [0, t]
@@ -120,14 +120,23 @@ def list_snapshots(snapshot_dir):
     return sorted(found)
 
 
-def _load_snapshot(path, mmap=False):
-    """A snapshot dict, checked for the fields reconstruction needs; UserError naming the file otherwise."""
+def _load_snapshot(path, mmap=False, checksum=True):
+    """A snapshot dict, checked against its checksum manifest and for the fields reconstruction needs;
+    UserError naming the file otherwise.
+
+    checksum=False (reconstruct's metadata pass, mmap=True) skips the checksum, which reads the whole file:
+    the weights pass checks every file before its weights are used, and a file that fails a check here is
+    checksummed first, so that a corrupt one is reported as such."""
+    if checksum:
+        verify(path, "snapshot")
     try:
         snap = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, pickle error, unexpected types: all mean "not a usable snapshot"
+        verify(path, "snapshot")
         raise UserError(f"snapshot {path} is unreadable ({type(e).__name__}); delete it and run again") from None
     if not (isinstance(snap, dict) and "t_img" in snap and isinstance(snap.get("emas"), list)
             and all(isinstance(e, dict) and {"sigma_rel", "gamma", "net"} <= e.keys() for e in snap["emas"])):
+        verify(path, "snapshot")
         raise UserError(f"snapshot {path} lacks t_img or emas[sigma_rel, gamma, net]; delete it and run again")
     return snap
 
@@ -158,8 +167,9 @@ def reconstruct(snapshot_dir, sigma_rel, t_out=None):
     # First pass: the (t, gamma) of every stored EMA. mmap reads the metadata without the weights.
     entries = []  # (file index, ema index, t_img, sigma_rel, gamma)
     for f, (t_name, path) in enumerate(used):
-        snap = _load_snapshot(path, mmap=True)
+        snap = _load_snapshot(path, mmap=True, checksum=False)
         if int(snap["t_img"]) != t_name:
+            verify(path, "snapshot")
             raise UserError(f"snapshot {path} holds t_img={snap['t_img']}, not the {t_name} in its name; rename or delete it")
         entries += [(f, j, t_name, float(e["sigma_rel"]), float(e["gamma"])) for j, e in enumerate(snap["emas"])]
         del snap
@@ -214,7 +224,11 @@ def write_reconstruction(outdir, sigma_rel, t_out=None):
     if os.path.exists(path):
         built = os.stat(path).st_mtime_ns
         if all(os.stat(p).st_mtime_ns <= built for t, p in snapshots if t <= t_out):
-            return path
+            try:
+                verify(path, "post-hoc EMA", advice="building it again")
+                return path
+            except UserError as e:
+                print(f"warning: {e}", file=sys.stderr)
     state, info = reconstruct(snapshot_dir, sigma_rel, t_out)
     atomic_save({"net": state, "sigma_rel": float(sigma_rel), "t_img": t_out, "coefficients": info["coefficients"],
                  "profile_rel_err": info["profile_rel_err"]}, path)

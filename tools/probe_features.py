@@ -13,7 +13,7 @@ import time
 import torch
 
 from tools import dist
-from tools.checkpoint import atomic_save, list_checkpoints
+from tools.checkpoint import atomic_save, list_checkpoints, verify
 from tools.cli import UserError
 from tools.config import build_network
 from tools.data import to_float
@@ -188,10 +188,11 @@ def feature_meta(ckpt, ema, block, sigma, split, flip, num_images):
 
 
 def read_cached(path, meta):
-    """(features, t_img) from a cache file that matches `meta`, else None."""
+    """(features, t_img) from a cache file that matches `meta` and its checksum manifest, else None."""
     try:
+        verify(path)
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # missing, partial or foreign file: extract again
+    except Exception:  # missing, partial, altered (checksum mismatch) or foreign file: extract again
         return None
     if not isinstance(saved, dict) or saved.get("meta") != meta:
         return None

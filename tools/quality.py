@@ -7,7 +7,9 @@ Features come from the dataset classifier (tools/classifier.py, no download, the
 or from pytorch-fid's Inception-v3 (tools/fid.py, the default for CIFAR and Tiny-ImageNet). Every
 metric is computed on each of `blocks` disjoint blocks of the samples (consecutive seed ranges) and
 reported as mean and std over the blocks, with the block size, so that two runs' figures can be
-told apart from noise. Memorisation is measured in pixels, whatever the features.
+told apart from noise. Memorisation is measured in pixels, whatever the features. Samples of a
+class-conditional model, given their requested classes, also get `class_accuracy`: how often the dataset
+classifier (whatever the features) names the requested class, which measures how well conditioning works.
 """
 
 
@@ -65,13 +67,14 @@ def build_extractor(cfg, extractor, device, inception_weights=None):
 
 
 def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_path=None, inception_weights=None,
-                  inception_ref=None):
+                  inception_ref=None, classes=None):
     """Quality metrics of uint8 samples [N, C, H, W] (in seed order) against the config's dataset.
 
     Returns a dict: for each metric its mean over `blocks` disjoint blocks and `<metric>_std`, plus
     `count`, `blocks`, `block_size`, `extractor` and, for the classifier, its `classifier_test_accuracy`.
     With `pairs_path`, the samples closest to a training image are saved beside them in that PNG. Memorisation
     needs the dataset's test split (its distances to the training set set the threshold); without one it is skipped.
+    `classes` (the requested class of each sample, conditional models) adds `class_accuracy` and the classifier's test accuracy.
     """
     extractor = extractor or default_extractor(cfg)
     samples = torch.as_tensor(samples)
@@ -81,6 +84,17 @@ def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_pa
     model = build_extractor(cfg, extractor, device, inception_weights)
     mu_ref, sigma_ref, ref = reference(cfg, extractor, model, device, inception_weights, inception_ref)
     feats, probs = _extract(extractor, model, samples[:n * blocks], device)
+    classifier = model if extractor == "classifier" else None
+    if classes is not None:
+        if classifier is None:
+            classifier = build_extractor(cfg, "classifier", device)
+            class_probs = _extract("classifier", classifier, samples[:n * blocks], device)[1]
+        else:
+            class_probs = probs
+        requested = np.asarray(classes[:n * blocks], dtype=np.int64)
+        if requested.max() >= classifier.num_classes:
+            raise UserError(f"requested class {requested.max()} but the dataset {cfg['data']['dataset']} has {classifier.num_classes} "
+                            f"classes: network.label_dim must be its number of classes")
 
     train, _ = load_dataset(cfg, "train")
     try:
@@ -105,13 +119,15 @@ def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_pa
             row.update(metrics.class_coverage(probs[s]))
         if heldout_dist is not None:
             row.update(metrics.memorisation(sample_dist[s], heldout_dist))
+        if classes is not None:
+            row["class_accuracy"] = float((class_probs[s].argmax(1) == requested[s]).mean())
         per_block.append(row)
     out = dict(extractor=model.name, count=n * blocks, blocks=blocks, block_size=n, reference_count=len(ref))
     for key in per_block[0]:
         values = np.array([r[key] for r in per_block], dtype=np.float64)
         out[key], out[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1))
-    if extractor == "classifier":
-        out["classifier_test_accuracy"] = model.test_accuracy
+    if classifier is not None:
+        out["classifier_test_accuracy"] = classifier.test_accuracy
     if pairs_path is not None:
         out["nearest_pairs"] = metrics.save_nearest_pairs(pairs_path,
                                                           samples[:n * blocks], train, sample_idx, sample_dist)
@@ -128,4 +144,6 @@ def format_line(r):
         parts.append(f"confidence: {r['confidence']:.3f}")
     if "memorised_fraction" in r:
         parts.append(f"memorised: {100 * r['memorised_fraction']:.1f}% +- {100 * r['memorised_fraction_std']:.1f}%")
+    if "class_accuracy" in r:
+        parts.append(f"requested-class accuracy: {100 * r['class_accuracy']:.1f}% +- {100 * r['class_accuracy_std']:.1f}%")
     return "  ".join(parts) + f"  ({r['blocks']} blocks of {r['block_size']} samples)"

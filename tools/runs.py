@@ -62,3 +62,59 @@ def load_net(cfg, outdir, epoch=None, ema="classic", device="cpu"):
         raise UserError(f"the weights in {outdir} do not fit the network of this config ({cfg['unet']}); pass the run's own config") from None
     info = dict(epoch=ckpt["epoch"], t_img=ckpt["t_img"], ema=ema)
     return net.to(device).eval().requires_grad_(False), info
+
+
+_held_locks = {}  # path -> open file; the lock lasts as long as the process
+
+
+def lock_for_training(outdir):
+    """Make this process the only one training into OUTDIR: an exclusive lock on OUTDIR/train.lock, which
+    names its holder (host, pid, start time, command). The operating system drops the lock when the holder
+    dies, so a lock left by a killed run is taken over; where the filesystem has no locks (some NFS
+    mounts), a holder on this host that no longer runs counts as stale. Raises UserError if another
+    live process holds it."""
+    import fcntl
+    import socket
+    import sys
+    import time
+    path = os.path.join(outdir, "train.lock")
+    if path in _held_locks:
+        return path
+    os.makedirs(outdir, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{outdir} is being trained by {holder}; two writers would mix their checkpoints and logs: "
+                        f"wait for it to end, stop it, or use another --outdir") from None
+    except OSError:  # no advisory locks on this filesystem: judge the recorded holder instead
+        f.seek(0)
+        words = f.read().split()
+        host, pid = (words[1], words[3]) if len(words) > 3 and words[0] == "host" else (None, None)
+        if host and host != socket.gethostname():
+            f.close()
+            raise UserError(f"{outdir} has a lock of host {host} (pid {pid}), which cannot be checked from here; "
+                            f"if that run has ended, delete {path}")
+        if host and pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            f.close()
+            raise UserError(f"{outdir} is being trained by pid {pid} on this host; wait for it to end, stop it, or use another --outdir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join([os.path.basename(sys.executable), *sys.argv])}\n")
+    f.flush()
+    _held_locks[path] = f
+    return path
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,6 +1,7 @@
 """Samplers for D(x; sigma): EDM Heun (2nd order, Karras et al. 2022 Alg. 1/2), Euler, DPM-Solver++(2M).
 
-Noise comes from one generator per image seed, so image k is the same whatever the batch or rank split.
+Noise comes from one generator per image seed, so image k is the same whatever the batch or rank split;
+so does the class of a conditional image (seed_classes). Guidance wraps the denoiser (GuidedDenoiser).
 """
 
 import numpy as np
@@ -27,12 +28,54 @@ class SeedNoise:
         return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.generators])
 
 
+def seed_classes(seeds, label_dim, class_index=None):
+    """The class of each image: `class_index` for all, or by default seed % label_dim, a balanced mix that
+    depends on the seed only (not on the rank split). None for an unconditional network (label_dim 0)."""
+    if not label_dim:
+        return None
+    return [int(s) % label_dim if class_index is None else int(class_index) for s in seeds]
+
+
+def one_hot(classes, label_dim, device=None):
+    """Class labels as the network takes them: one-hot float32 [N, label_dim]; None stays None (unconditional)."""
+    if classes is None:
+        return None
+    return torch.nn.functional.one_hot(torch.as_tensor(classes, dtype=torch.int64, device=device), label_dim).to(torch.float32)
+
+
+class GuidedDenoiser(torch.nn.Module):
+    """D_w(x; sigma, c) = D_guide(x; sigma, c') + w (D_main(x; sigma, c) - D_guide(x; sigma, c')), with the call
+    signature of tools.edm.Denoiser (Karras et al. 2024, arXiv 2406.02507, eq. 2).
+
+    Classifier-free guidance: guide = main, c' = the dropped label, a zero vector (how training drops labels,
+    tools/trainer.py). Autoguidance: guide = a weaker model of the same task (smaller, or trained less),
+    c' = c, or no label for an unconditional guide. w = 1 returns D_main itself, bit for bit, without
+    evaluating the guide; w > 1 extrapolates away from the guide.
+    """
+
+    GUIDE_LABELS = ("same", "dropped", "none")
+
+    def __init__(self, main, guide, weight, guide_labels="same"):
+        super().__init__()
+        if guide_labels not in self.GUIDE_LABELS:
+            raise ValueError(f"guide_labels must be one of {self.GUIDE_LABELS}")
+        self.main, self.guide, self.weight, self.guide_labels = main, guide, float(weight), guide_labels
+
+    def forward(self, x, sigma, class_labels=None, dropout_keys=None):
+        d_main = self.main(x, sigma, class_labels, dropout_keys)
+        if self.weight == 1:
+            return d_main
+        c = {"same": class_labels, "dropped": None if class_labels is None else torch.zeros_like(class_labels),
+             "none": None}[self.guide_labels]
+        d_guide = self.guide(x, sigma, c, dropout_keys)
+        return d_guide + self.weight * (d_main - d_guide)
+
+
 def sample(denoiser, noise, shape, class_labels=None, sampler="heun", steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-           S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, guidance=None):
+           S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0):
     """Generate one image per generator in `noise` (a SeedNoise); shape = (C, H, W). Returns float32 in ~[-1, 1].
 
-    `guidance`, when given, is (guide_denoiser, weight): D = D_guide + w (D_main - D_guide), for
-    classifier-free guidance or autoguidance.
+    `class_labels` (one-hot [N, label_dim] or None) go to every denoiser call; for guidance, pass a GuidedDenoiser.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}")
@@ -41,11 +84,7 @@ def sample(denoiser, noise, shape, class_labels=None, sampler="heun", steps=18, 
 
     def D(x, sigma):
         s = torch.full((x.shape[0],), float(sigma), device=device)
-        out = denoiser(x, s, class_labels)
-        if guidance is not None:
-            guide, w = guidance
-            out = guide(x, s, class_labels).lerp(out, w)
-        return out.to(torch.float64)
+        return denoiser(x, s, class_labels).to(torch.float64)
 
     x = noise.randn(shape).to(torch.float64) * sigmas[0]
     sigmas = sigmas.tolist()  # one host transfer up front; the loop below never syncs on the schedule

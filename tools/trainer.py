@@ -3,9 +3,13 @@ optimizer step, the logged metrics and the sample grid. The schedules they follo
 """
 
 import contextlib
+import glob
 import json
 import os
+import re
 import resource
+import signal
+import sys
 import time
 
 import torch
@@ -15,14 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from tools import dist
-from tools.checkpoint import atomic_save, checkpoint_path, list_checkpoints, load_newest
+from tools.checkpoint import append_text, atomic_save, atomic_write, checkpoint_path, list_checkpoints, load, remove
 from tools.cli import UserError
 from tools.config import build_edm, dump
 from tools.data import load_dataset, to_float
 from tools.edm import Denoiser
 from tools.ema import EMAs
 from tools.mp import force_weight_norm_
-from tools.sampler import SeedNoise, sample
+from tools.sampler import SeedNoise, one_hot, sample
 from tools.training import SIGMA_BUCKETS, epoch_order, step_draws
 
 RESUME_KEYS = ("unet", "network", "diffusion")  # sections that must match to resume a run
@@ -100,10 +104,23 @@ class TrainState:
         self.t_img, self.nonfinite_steps = 0, 0
         self.params = list(self.edm.parameters())
 
-    def resume(self, outdir):
-        """Load the newest valid checkpoint of outdir; False if there is none."""
-        ckpt = load_newest(outdir, required=("net", "loss_head", "optimizer", "emas", "t_img", "config"))
-        if ckpt is None and list_checkpoints(outdir):
+    def resume(self, outdir, epoch_img):
+        """Load the newest valid checkpoint of outdir, per-epoch or mid-epoch (resume_<images>.pt); a corrupt one
+        is reported and the next older one tried. False if there is none."""
+        required = ("net", "loss_head", "optimizer", "emas", "t_img", "config")
+        candidates = sorted([(e * epoch_img, p) for e, p in list_checkpoints(outdir)] + list_resume_checkpoints(outdir), reverse=True)
+        ckpt = None
+        for _, path in candidates:
+            try:
+                ckpt = load(path)
+            except UserError as e:
+                print(f"warning: {e}", file=sys.stderr, flush=True)
+                continue
+            if isinstance(ckpt, dict) and all(k in ckpt for k in required):
+                break
+            print(f"warning: checkpoint {path} lacks {', '.join(required)}; skipped", file=sys.stderr, flush=True)
+            ckpt = None
+        if ckpt is None and candidates:
             raise UserError(f"no checkpoint in {outdir}/checkpoints could be loaded; move them away to start afresh")
         if ckpt is None:
             return False
@@ -161,18 +178,96 @@ class TrainState:
         if not all(torch.isfinite(p).all() for p in self.params):
             raise UserError(f"weights became non-finite at epoch {epoch}; not checkpointed, earlier checkpoints are intact")
 
-    def save(self, outdir, epoch, metrics_file):
-        """OUTDIR/checkpoints/epoch_<epoch>.pt, noted in metrics.jsonl; the oldest beyond train.keep_checkpoints are removed."""
+    def contents(self, epoch):
+        return dict(net=self.edm.net.state_dict(), loss_head=self.edm.loss.state_dict(), optimizer=self.opt.state_dict(),
+                    scaler=self.scaler.state_dict(), emas=self.emas.state_dict(), t_img=self.t_img, epoch=epoch,
+                    nonfinite_steps=self.nonfinite_steps, config=dump(self.cfg))
+
+    def save(self, outdir, epoch, metrics):
+        """OUTDIR/checkpoints/epoch_<epoch>.pt, noted in metrics.jsonl; the oldest beyond train.keep_checkpoints are
+        removed, and so are the mid-epoch checkpoints it supersedes."""
         path = checkpoint_path(outdir, epoch)
-        atomic_save(dict(net=self.edm.net.state_dict(), loss_head=self.edm.loss.state_dict(), optimizer=self.opt.state_dict(),
-                         scaler=self.scaler.state_dict(), emas=self.emas.state_dict(), t_img=self.t_img, epoch=epoch,
-                         nonfinite_steps=self.nonfinite_steps, config=dump(self.cfg)), path)
-        metrics_file.write(json.dumps(dict(epoch=epoch, kimg=self.t_img / 1000, checkpoint=path)) + "\n")
-        metrics_file.flush()
+        atomic_save(self.contents(epoch), path)
+        metrics.write(dict(epoch=epoch, kimg=self.t_img / 1000, checkpoint=path))
         keep = self.cfg["train"]["keep_checkpoints"]
         if keep:
             for _, old in list_checkpoints(outdir)[:-keep]:
-                os.remove(old)
+                remove(old)
+        for t, old in list_resume_checkpoints(outdir):
+            if t <= self.t_img:
+                remove(old)
+        return path
+
+    def save_resume(self, outdir, epoch, metrics, why):
+        """OUTDIR/checkpoints/resume_<images>.pt, a checkpoint between epochs (time-based or on a signal); only the
+        newest is kept. sample.py and probe.py use the per-epoch ones."""
+        path = os.path.join(outdir, "checkpoints", f"resume_{self.t_img:012d}.pt")
+        atomic_save(self.contents(epoch), path)
+        metrics.write(dict(epoch=epoch, kimg=self.t_img / 1000, checkpoint=path, reason=why))
+        for t, old in list_resume_checkpoints(outdir):
+            if t < self.t_img:
+                remove(old)
+        return path
+
+
+def _ends_with_newline(path):
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def list_resume_checkpoints(outdir):
+    """[(t_img, path)] of the mid-epoch checkpoints, oldest first."""
+    found = []
+    for p in glob.glob(os.path.join(glob.escape(outdir), "checkpoints", "resume_*.pt")):
+        m = re.fullmatch(r"resume_(\d+)\.pt", os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+class StopRequests:
+    """When to write a checkpoint between epochs and when to stop: on SIGTERM (preemption), SIGINT (Ctrl-C) and
+    SIGUSR1 (what SLURM sends before the time limit with --signal=USR1@<seconds>), the current step finishes,
+    a checkpoint is written and training stops; every train.checkpoint_minutes a checkpoint is written
+    anyway. Under torchrun the ranks agree on the step (one tiny all-reduce every SYNC_STEPS steps)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SYNC_STEPS = 10
+
+    def __init__(self, minutes, rank, world, device):
+        self.every_s, self.rank, self.world, self.device = 60 * minutes, rank, world, device
+        self.signum, self.previous = None, {}
+        self.last_save = time.time()
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self._request)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _request(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signum = signum
+
+    def poll(self, step):
+        """(signal number or None, whether a time-based checkpoint is due), the same on every rank."""
+        due = self.every_s > 0 and time.time() - self.last_save >= self.every_s and self.rank == 0
+        if self.world == 1:
+            return self.signum, due
+        if step % self.SYNC_STEPS:
+            return None, False
+        flags = torch.tensor([float(self.signum or 0), float(due)], device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signum, due = flags.tolist()
+        return (int(signum) or None), bool(due)
+
+    def saved(self):
+        self.last_save = time.time()
 
 
 class Metrics:
@@ -186,10 +281,11 @@ class Metrics:
         self.acc_bucket = torch.zeros(2, len(self.buckets) + 1, device=device, dtype=torch.float64)  # loss sum, count per sigma bucket
         self.streak = torch.zeros((), device=device)  # consecutive steps with non-finite gradients
         self.t_log, self.step_log = time.time(), step
-        self.writer = self.file = None
+        self.writer, self.path = None, os.path.join(outdir, "metrics.jsonl")
         if rank == 0:
             self.writer = SummaryWriter(os.path.join(outdir, "tensorboard"))
-            self.file = open(os.path.join(outdir, "metrics.jsonl"), "a")
+            if os.path.exists(self.path) and os.path.getsize(self.path) and not _ends_with_newline(self.path):
+                append_text(self.path, "\n")  # a line cut short by a killed run stays a line of its own
 
     def add_losses(self, loss, sigma):
         """Per-sample losses of one micro-batch, at their noise levels."""
@@ -231,8 +327,7 @@ class Metrics:
                     u = state.edm.loss.uncertainty(torch.tensor([0.01, 0.1, 1.0, 10.0], device=self.device)).tolist()
                 for s, v in zip((0.01, 0.1, 1.0, 10.0), u):
                     writer.add_scalar(f"uncertainty/sigma={s:g}", v, t_img)
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            self.write(row)
         self.acc.zero_()
         self.acc_bucket.zero_()
         self.t_log, self.step_log = time.time(), step
@@ -245,28 +340,49 @@ class Metrics:
             raise UserError(f"gradients non-finite for {int(self.streak.item())} consecutive steps at {t_img / 1000:.1f} kimg; stopped. "
                             f"Last good checkpoint: {good[-1][1] if good else 'none'}")
 
+    def write(self, row):
+        """One row of metrics.jsonl (rank 0), written whole or not at all."""
+        append_text(self.path, json.dumps(row) + "\n")
+
     def close(self):
         if self.rank == 0:
             self.writer.close()
-            self.file.close()
+
+
+
+def grid_layout(label_dim, num=64):
+    """(class of each grid image or None, images per row) for at most `num` images. Unconditional: 8 per row.
+    Conditional, one row per class where rows fit: 8 rows of 8 cycling through K <= 8 classes, K rows of
+    num // K images for K <= num / 2 (digits, CIFAR-10: 10 rows of 6); more classes: image k is of class k % K."""
+    if not label_dim:
+        return None, 8
+    if label_dim > num // 2:
+        return [k % label_dim for k in range(num)], 8
+    cols = 8 if label_dim <= 8 else num // label_dim
+    rows = num // cols if label_dim <= 8 else label_dim
+    return [r % label_dim for r in range(rows) for _ in range(cols)], cols
 
 
 @torch.no_grad()
 def sample_grid(net, cfg, device, num=64):
-    """EMA samples for the TensorBoard grid, seeds 0..num-1, in [0, 1]."""
+    """EMA samples for the TensorBoard grid in [0, 1], seeds 0, 1, ..., with class labels for a conditional
+    network (grid_layout); returns (images, images per row)."""
     was_training = net.training
     denoiser = Denoiser(net.eval(), cfg["diffusion"]["sigma_data"])
     n = cfg["network"]
+    classes, cols = grid_layout(n["label_dim"], num)
+    count = num if classes is None else len(classes)
     S = {k: cfg["sample"][k] for k in ("sampler", "steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")}
     with autocast(device, cfg["train"]["precision"]):
-        x = sample(denoiser, SeedNoise(range(num), device), (n["img_channels"], n["img_resolution"], n["img_resolution"]), **S)
+        x = sample(denoiser, SeedNoise(range(count), device), (n["img_channels"], n["img_resolution"], n["img_resolution"]),
+                   one_hot(classes, n["label_dim"], device), **S)
     net.train(was_training)
-    return (x * 0.5 + 0.5).clamp(0, 1).cpu()
+    return (x * 0.5 + 0.5).clamp(0, 1).cpu(), cols
 
 
 def save_grid(net, cfg, outdir, epoch, t_img, writer, device):
-    """sample_grid() of net to TensorBoard and OUTDIR/grids/epoch_<epoch>.png."""
-    grid = sample_grid(net, cfg, device)
-    writer.add_image("samples/ema_classic", torchvision.utils.make_grid(grid, nrow=8), t_img)
-    os.makedirs(os.path.join(outdir, "grids"), exist_ok=True)
-    torchvision.utils.save_image(grid, os.path.join(outdir, "grids", f"epoch_{epoch}.png"), nrow=8)
+    """sample_grid() of net to TensorBoard and OUTDIR/grids/epoch_<epoch>.png (a conditional run: a row per class)."""
+    grid, cols = sample_grid(net, cfg, device)
+    writer.add_image("samples/ema_classic", torchvision.utils.make_grid(grid, nrow=cols), t_img)
+    path = os.path.join(outdir, "grids", f"epoch_{epoch}.png")
+    atomic_write(path, lambda f: torchvision.utils.save_image(grid, f, format="png", nrow=cols))  # a full disk: one line, no 0-byte file

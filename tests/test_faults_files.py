@@ -1,0 +1,280 @@
+"""Files under faults (tools/checkpoint.py): a flipped byte is refused, not loaded; a full disk ends in one
+line and leaves the previous file intact; temp files of dead writers can be cleaned; a log that cannot be
+written does not stop the console. Small state dicts and fake snapshots, no training."""
+
+import errno
+import hashlib
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tools import checkpoint
+from tools.checkpoint import (append_text, atomic_save, atomic_write, checkpoint_path, load, load_epoch, load_newest,
+                              manifest_path, remove, remove_stale_temp, temp_path, verify)
+from tools.cli import UserError
+from tools.log import _Tee
+from tools.posthoc import reconstruct, sigma_rel_to_gamma, write_reconstruction
+from tools.probe_features import read_cached, write_cached
+
+DISK_FULL = "disk full while writing"
+
+
+def one_line_error(fn, *args, **kwargs):
+    with pytest.raises(UserError) as e:
+        fn(*args, **kwargs)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def flip_byte(path, needle):
+    """Flip the lowest bit of the first byte of `needle` in the file, in place (bit rot, a bad copy)."""
+    data = open(path, "rb").read()
+    i = data.find(needle)
+    assert i >= 0, "needle not in file"
+    with open(path, "r+b") as f:
+        f.seek(i)
+        f.write(bytes([data[i] ^ 1]))
+
+
+def weights(value, n=1000):
+    """A tensor whose bytes are easy to find in the file (a run of one float)."""
+    return torch.full((n,), float(value))
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with `room` bytes left: what fits is written, then the write fails with ENOSPC."""
+
+    def __init__(self, path, mode, room):
+        super().__init__(path, mode)
+        self.left = room
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        written = super().write(view[:self.left]) if self.left else 0
+        self.left -= written
+        if written < len(view):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return written
+
+
+def fill_disk(monkeypatch, room):
+    monkeypatch.setattr(checkpoint, "_open_for_writing", lambda path, mode="wb": FullDisk(path, mode, room))
+
+
+# ---------------------------------------------------------------------------------------------------- checksums
+
+def test_manifest_holds_the_digest_in_sha256sum_format(tmp_path):
+    path = str(tmp_path / "a.pt")
+    atomic_save({"w": weights(1.0)}, path)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert open(manifest_path(path)).read() == f"{digest}  a.pt\n"  # `sha256sum -c a.pt.sha256` checks it
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "a.pt.sha256"]
+
+
+def test_flipped_byte_in_checkpoint_is_refused_and_the_previous_one_used(tmp_path, capsys):
+    outdir = str(tmp_path)
+    for epoch in (1, 2):
+        atomic_save({"net": {"w": weights(epoch)}, "epoch": epoch}, checkpoint_path(outdir, epoch))
+    flip_byte(checkpoint_path(outdir, 2), weights(2).numpy().tobytes())
+    # the flip is in the weights: torch.load itself takes the file, with one weight changed
+    raw = torch.load(checkpoint_path(outdir, 2), weights_only=True)
+    assert (raw["net"]["w"] != 2).sum() == 1
+
+    error = one_line_error(load, checkpoint_path(outdir, 2))
+    assert "checksum mismatch" in error and checkpoint_path(outdir, 2) in error
+    assert load_newest(outdir)["epoch"] == 1
+    assert "warning:" in capsys.readouterr().err
+    assert "checksum mismatch" in one_line_error(load_epoch, outdir, 2)  # an explicit epoch: the one line
+
+
+def test_flipped_byte_in_a_snapshot_refuses_reconstruction(tmp_path):
+    snapshots = tmp_path / "snapshots"
+    gammas = [sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)]
+    for k in (1, 2, 3):
+        emas = [{"sigma_rel": s, "gamma": g, "net": {"w": weights(10 * k + i, 8)}}
+                for i, (s, g) in enumerate(zip((0.05, 0.10), gammas))]
+        atomic_save({"t_img": 1000 * k, "emas": emas}, str(snapshots / f"snapshot_{1000 * k:012d}.pt"))
+    state, _ = reconstruct(str(snapshots), 0.075)
+    flip_byte(snapshots / "snapshot_000000002000.pt", weights(21, 8).numpy().tobytes())
+    error = one_line_error(reconstruct, str(snapshots), 0.075)
+    assert "checksum mismatch" in error and str(snapshots / "snapshot_000000002000.pt") in error
+
+
+def test_flipped_byte_in_the_posthoc_cache_rebuilds_it(tmp_path, capsys):
+    gammas = [sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)]
+    for k in (1, 2):
+        emas = [{"sigma_rel": s, "gamma": g, "net": {"w": weights(k + i, 8)}} for i, (s, g) in enumerate(zip((0.05, 0.10), gammas))]
+        atomic_save({"t_img": 1000 * k, "emas": emas}, str(tmp_path / "snapshots" / f"snapshot_{1000 * k:012d}.pt"))
+    path = write_reconstruction(str(tmp_path), 0.075)
+    good = load(path)["net"]["w"].clone()
+    flip_byte(path, good.numpy().tobytes())
+    assert "checksum mismatch" in one_line_error(load, path)
+    assert write_reconstruction(str(tmp_path), 0.075) == path
+    assert "checksum mismatch" in capsys.readouterr().err
+    torch.testing.assert_close(load(path)["net"]["w"], good, rtol=0, atol=0)
+
+
+def test_flipped_byte_in_the_probe_cache_extracts_again(tmp_path):
+    path = str(tmp_path / "features" / "train.pt")
+    meta = {"version": 1, "block": "enc.8x8"}
+    write_cached(path, weights(3.0, 64).reshape(8, 8), meta, 1234)
+    features, t_img = read_cached(path, meta)
+    assert t_img == 1234 and (features == 3).all()
+    flip_byte(path, weights(3.0, 64).numpy().tobytes())
+    assert read_cached(path, meta) is None
+
+
+def test_file_without_manifest_loads_unverified(tmp_path):
+    """Files written before manifests existed, or by plain torch.save."""
+    old = str(tmp_path / "epoch_1.pt")
+    torch.save({"net": {"w": weights(1.0)}}, old)
+    assert load(old)["net"]["w"][0] == 1
+    atomic_save({"net": {"w": weights(2.0)}}, str(tmp_path / "epoch_2.pt"))
+    os.remove(manifest_path(tmp_path / "epoch_2.pt"))
+    assert load(str(tmp_path / "epoch_2.pt"))["net"]["w"][0] == 2
+
+
+def test_stale_manifest_fails_and_writers_replace_it(tmp_path):
+    path = str(tmp_path / "a.pt")
+    atomic_save({"w": weights(1.0)}, path)
+    torch.save({"w": weights(2.0)}, path)  # replaced by other means: the old file's manifest stays behind
+    assert "checksum mismatch" in one_line_error(load, path)
+    atomic_save({"w": weights(3.0)}, path)  # a new manifest with the new file
+    assert load(path)["w"][0] == 3
+    atomic_write(path, lambda f: torch.save({"w": weights(4.0)}, f))  # no manifest asked: the old one goes
+    assert not os.path.exists(manifest_path(path)) and load(path)["w"][0] == 4
+
+
+def test_crash_before_the_new_manifest_never_pairs_old_digest_with_new_file(tmp_path, monkeypatch):
+    """The write of the manifest fails (stands in for a crash after the rename): the new file is in place
+    without manifest and loads unverified; the old file's digest is gone, not left to judge the new file."""
+    path = str(tmp_path / "a.pt")
+    atomic_save({"w": weights(1.0)}, path)
+    real_open = checkpoint._open_for_writing
+    monkeypatch.setattr(checkpoint, "_open_for_writing", lambda p, mode="wb": (
+        FullDisk(p, mode, 0) if ".sha256.tmp-" in p else real_open(p, mode)))
+    assert f"{DISK_FULL} {manifest_path(path)}" in one_line_error(atomic_save, {"w": weights(2.0)}, path)
+    assert os.listdir(tmp_path) == ["a.pt"] and load(path)["w"][0] == 2
+
+
+def test_remove_takes_the_manifest_along(tmp_path):
+    path = str(tmp_path / "epoch_1.pt")
+    atomic_save({"w": weights(1.0)}, path)
+    remove(path)
+    assert os.listdir(tmp_path) == []
+    remove(path)  # already gone: not an error
+
+
+# ---------------------------------------------------------------------------------------------------- full disk
+
+def test_full_disk_during_torch_save_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "epoch_1.pt")
+    atomic_save({"w": weights(1.0)}, path)
+    before = sorted(os.listdir(tmp_path)), open(manifest_path(path)).read()
+    room = 1000  # past the zip's first records: torch reports the failed write as a RuntimeError
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        torch.save({"w": weights(2.0, 10_000)}, FullDisk(str(tmp_path / "probe"), "wb", room))
+    os.remove(tmp_path / "probe")
+    fill_disk(monkeypatch, room)
+    error = one_line_error(atomic_save, {"w": weights(2.0, 10_000)}, path)
+    assert error == f"{DISK_FULL} {path}; earlier files are intact, free space and run again"
+    assert (sorted(os.listdir(tmp_path)), open(manifest_path(path)).read()) == before  # no temp file left
+    monkeypatch.undo()
+    assert load(path)["w"][0] == 1
+    verify(path)
+
+
+@pytest.mark.parametrize("room", [0, 100])
+def test_full_disk_during_plain_write_leaves_the_previous_file(tmp_path, monkeypatch, room):
+    path = str(tmp_path / "stats.json")
+    atomic_write(path, lambda f: f.write(b"old"))
+    fill_disk(monkeypatch, room)
+    assert DISK_FULL in one_line_error(atomic_write, path, lambda f: f.write(b"x" * 10_000))
+    assert os.listdir(tmp_path) == ["stats.json"] and open(path, "rb").read() == b"old"
+
+
+def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
+    path = str(tmp_path / "a.bin")
+
+    def fail(error):
+        def write(f):
+            f.write(b"partial")
+            raise error
+        return write
+
+    message = "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # torch's message, but the disk has room: as it is
+        atomic_write(path, fail(RuntimeError(message)))
+    with pytest.raises(TypeError):  # a bug: its traceback
+        atomic_write(path, fail(TypeError("cannot pickle")))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, fail(KeyboardInterrupt()))
+    assert "could not write" in one_line_error(atomic_write, path, fail(OSError(errno.EIO, os.strerror(errno.EIO))))
+    assert os.listdir(tmp_path) == []  # no temp file after any of them
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda folder: checkpoint.shutil._ntuple_diskusage(10**9, 10**9, 0))
+    assert DISK_FULL in one_line_error(atomic_write, path, fail(RuntimeError(message)))  # torch's message, no space
+
+
+def test_append_text_on_a_full_disk_leaves_no_half_line(tmp_path, monkeypatch):
+    path = str(tmp_path / "metrics.jsonl")
+    append_text(path, '{"epoch": 1}\n')
+    append_text(path, '{"epoch": 2}\n')
+    fill_disk(monkeypatch, 5)
+    assert one_line_error(append_text, path, '{"epoch": 3, "loss": 0.5}\n').startswith(f"{DISK_FULL} {path};")
+    assert open(path).read() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+# ---------------------------------------------------------------------------------------------------- temp files
+
+def test_remove_stale_temp_removes_only_dead_writers_on_this_host(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    target = str(tmp_path / "checkpoints" / "epoch_3.pt")
+    os.makedirs(os.path.dirname(target))
+    live = temp_path(target)
+    assert live.endswith(f"-{os.getpid()}") and checkpoint.TEMP_NAME.fullmatch(os.path.basename(live))
+    dead = live[:-len(str(os.getpid()))] + str(child.pid)
+    other_host = f"{target}.tmp-not{checkpoint._host()}-{child.pid}"
+    old_style = f"{target}.tmp{child.pid}"  # written before temp names carried the host: unknown, kept
+    for p in (live, dead, other_host, old_style, target):
+        open(p, "wb").write(b"partial")
+    assert remove_stale_temp(str(tmp_path)) == [dead]
+    assert sorted(os.listdir(os.path.dirname(target))) == sorted(os.path.basename(p) for p in (live, other_host, old_style, target))
+    assert remove_stale_temp(str(tmp_path / "missing")) == []
+
+
+def test_temp_names_are_not_taken_for_results(tmp_path):
+    """Checkpoint, snapshot and PNG listings match whole names: a temp file or a manifest is not one of them."""
+    from tools.checkpoint import list_checkpoints
+    from tools.fid import png_paths
+    target = checkpoint_path(str(tmp_path), 1)
+    os.makedirs(os.path.dirname(target))
+    for p in (temp_path(target), target + ".sha256"):
+        open(p, "wb").write(b"x")
+    open(temp_path(str(tmp_path / "000000.png")), "wb").write(b"x")
+    assert list_checkpoints(str(tmp_path)) == [] and png_paths(str(tmp_path)) == []
+
+
+# ---------------------------------------------------------------------------------------------------- log.txt
+
+class BrokenLog(io.StringIO):
+    name = "runs/x/log.txt"
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_log_that_cannot_be_written_leaves_the_console_going():
+    log, out, err = BrokenLog(), io.StringIO(), io.StringIO()
+    tee_out, tee_err = _Tee(out, log), _Tee(err, log)
+    tee_out.write("epoch 1\n")
+    tee_err.write("warning: something\n")
+    tee_out.write("epoch 2\n")
+    tee_out.flush()
+    warnings = (out.getvalue() + err.getvalue()).count("cannot write runs/x/log.txt")
+    assert warnings == 1  # stdout and stderr share the log: one warning
+    assert "epoch 1\n" in out.getvalue() and out.getvalue().endswith("epoch 2\n") and "warning: something\n" in err.getvalue()

@@ -1,0 +1,244 @@
+"""Out-of-range numbers stop a run before any work, in one line that names the key (or flag) and its range."""
+
+import glob
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from tools.cli import UserError
+from tools.config import build_network, load_config
+
+DIGITS = "config/digits/E.yaml"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "*", "*.yaml"))))
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.batch_size=-4", "train.batch_size must be >= 1, got -4"),
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("train.epochs=-3", "train.epochs must be >= 1, got -3"),
+    ("train.checkpoint_epochs=0", "train.checkpoint_epochs must be >= 1, got 0"),
+    ("train.log_steps=0", "train.log_steps must be >= 1, got 0"),
+    ("train.lr=-1", "train.lr must be > 0, got -1.0"),
+    ("train.lr=.nan", "train.lr must be > 0, got nan"),
+    ("train.lr=.inf", "train.lr must be finite, got inf"),
+    ("train.batch_gpu=-16", "train.batch_gpu must be >= 0, got -16"),
+    ("train.lr_rampup_epochs=-1", "train.lr_rampup_epochs must be >= 0"),
+    ("train.lr_ref_epochs=-1", "train.lr_ref_epochs must be >= 0"),
+    ("train.betas=[0.9,1.0]", "train.betas must be 2 numbers, each in [0, 1), got [0.9, 1.0]"),
+    ("train.betas=[0.9]", "train.betas must be 2 numbers"),
+    ("train.betas=[a,0.99]", "train.betas must be 2 numbers"),
+    ("train.eps=0", "train.eps must be > 0"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
+    ("train.grid_epochs=-1", "train.grid_epochs must be >= 0"),
+    ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps must be >= 1"),
+    ("train.label_dropout=1", "train.label_dropout must be in [0, 1), got 1.0"),
+    ("ema.classic_halflife_kimg=0", "ema.classic_halflife_kimg must be > 0"),
+    ("ema.classic_rampup_ratio=-0.1", "ema.classic_rampup_ratio must be >= 0"),
+    ("ema.sigma_rels=[0.05,0.3]", "ema.sigma_rels must be a list of numbers, each in (0, 1/sqrt(12))"),
+    ("ema.sigma_rels=[0]", "ema.sigma_rels must be a list of numbers, each in (0, 1/sqrt(12))"),
+    ("ema.snapshot_epochs=-1", "ema.snapshot_epochs must be >= 0"),
+    ("sample.steps=1", "sample.steps must be >= 2, got 1"),
+    ("sample.steps=0", "sample.steps must be >= 2, got 0"),
+    ("sample.steps=-2", "sample.steps must be >= 2, got -2"),
+    ("sample.sigma_min=0", "sample.sigma_min must be > 0"),
+    ("sample.sigma_max=0.001", "sample.sigma_max must be > sample.sigma_min (0.002), got 0.001"),
+    ("sample.sigma_max=.inf", "sample.sigma_max must be finite"),
+    ("sample.rho=0", "sample.rho must be > 0"),
+    ("sample.S_churn=-1", "sample.S_churn must be >= 0"),
+    ("sample.S_min=-1", "sample.S_min must be >= 0"),
+    ("sample.S_noise=-1", "sample.S_noise must be >= 0"),
+    ("sample.batch=0", "sample.batch must be >= 1, got 0"),
+    ("sample.num_images=0", "sample.num_images must be >= 1, got 0"),
+    ("probe.sigma=0", "probe.sigma must be > 0"),
+    ("probe.holdout=1", "probe.holdout must be in [0, 1)"),
+    ("probe.C_grid=[]", "probe.C_grid must be a non-empty list of numbers, each > 0"),
+    ("probe.C_grid=[0.1,-1]", "probe.C_grid must be a non-empty list of numbers, each > 0"),
+    ("probe.grid_sigmas=[0.06,0]", "probe.grid_sigmas must be a non-empty list of numbers, each > 0"),
+    ("probe.batch=0", "probe.batch must be >= 1"),
+    ("diffusion.sigma_data=0", "diffusion.sigma_data must be > 0"),
+    ("diffusion.P_std=0", "diffusion.P_std must be > 0"),
+    ("diffusion.logvar_channels=0", "diffusion.logvar_channels must be >= 1"),
+    ("network.img_resolution=0", "network.img_resolution must be >= 1"),
+    ("network.img_resolution=sixteen", "network.img_resolution must be an integer"),
+    ("network.img_resolution=10", "network.img_resolution must be divisible by 2^(len(channel_mult) - 1) = 4"),
+    ("network.img_channels=0", "network.img_channels must be >= 1"),
+    ("network.model_channels=0", "network.model_channels must be >= 1"),
+    ("network.channel_mult=[]", "network.channel_mult must be a non-empty list of numbers, each >= 1"),
+    ("network.channel_mult=[1,0]", "network.channel_mult must be a non-empty list of numbers, each >= 1"),
+    ("network.channel_mult=[1,1.5]", "network.channel_mult must be a list of integers"),
+    ("network.emb_channels=0", "network.emb_channels must be >= 1"),
+    ("network.num_blocks=-1", "network.num_blocks must be >= 0"),
+    ("network.channels_per_head=0", "network.channels_per_head must be >= 1"),
+    ("network.dropout=1", "network.dropout must be in [0, 1)"),
+    ("network.label_dim=-1", "network.label_dim must be >= 0"),
+    ("network.attn_resolutions=[7]", "network.attn_resolutions must be among the UNet's resolutions [16, 8, 4]"),
+])
+def test_out_of_range_value_is_one_line_naming_key_and_range(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(DIGITS, [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.batch_gpu=0", "train.keep_checkpoints=0", "train.grid_epochs=0", "train.lr_ref_epochs=0", "train.lr_rampup_epochs=0"],
+    ["sample.steps=2", "sample.S_max=.inf", "sample.S_noise=0", "sample.S_churn=0"],
+    ["ema.snapshot_epochs=0", "ema.classic_rampup_ratio=0", "ema.sigma_rels=[0.01,0.28]", "train.label_dropout=0"],
+    ["probe.holdout=0", "network.dropout=0", "network.num_blocks=0", "network.label_dim=0"],
+])
+def test_boundary_values_that_mean_something_are_accepted(overrides):
+    cfg = load_config(DIGITS, overrides)
+    for item in overrides:
+        key, _ = item.split("=", 1)
+        section, name = key.split(".")
+        assert name in cfg[section]
+
+
+@pytest.mark.parametrize("resolution,levels,ok", [(12, [1, 2, 2], True), (24, [1, 2, 2, 2], True), (6, [1, 2, 2], False),
+                                                  (12, [1, 2, 2, 2], False)])
+def test_resolution_rule_is_what_the_unet_needs(resolution, levels, ok):
+    """The validator accepts exactly the resolutions the U-Net runs at: divisible by 2^(levels - 1), power of 2 or not."""
+    overrides = [f"network.img_resolution={resolution}", f"network.channel_mult={levels}".replace(" ", ""),
+                 "network.attn_resolutions=[]", "network.model_channels=8", "network.channels_per_head=8"]
+    with torch.device("cpu"):
+        if ok:
+            net = build_network(load_config(DIGITS, overrides))
+            x = torch.randn(2, 1, resolution, resolution)
+            assert net(x, torch.ones(2)).shape == x.shape
+        else:
+            with pytest.raises(UserError, match="divisible by"):
+                load_config(DIGITS, overrides)
+            cfg = load_config(DIGITS)
+            cfg["network"].update(img_resolution=resolution, channel_mult=levels, attn_resolutions=[], model_channels=8,
+                                  channels_per_head=8)
+            with pytest.raises(RuntimeError):  # what the validator saves the user from
+                build_network(cfg)(torch.randn(2, 1, resolution, resolution), torch.ones(2))
+
+
+def with_unet(tmp_path, name):
+    """A copy of the digits config whose `unet:` is `name`."""
+    path = tmp_path / "unet.yaml"
+    path.write_text(open(os.path.join(ROOT, DIGITS)).read().replace("unet: unetE.py", f"unet: {name}"))
+    return str(path)
+
+
+def test_unet_must_be_a_network_file_and_is_not_imported_otherwise(tmp_path):
+    imported_before = "sample" in sys.modules
+    with pytest.raises(UserError) as e:
+        load_config(with_unet(tmp_path, "sample.py"))
+    message = str(e.value)
+    assert message.startswith("unet: 'sample.py' is not a network file") and "unetC.py, unetE.py, unetG.py" in message
+    assert imported_before or "sample" not in sys.modules
+    for name in ("tools/config.py", "../unetE.py", "unetE", "unetZ.py"):
+        with pytest.raises(UserError, match="is not a network file"):
+            load_config(with_unet(tmp_path, name))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command-line flags: the same ranges, named as typed.
+
+@pytest.mark.parametrize("text", ["5-2", "-3", "", "1,,2", "a-b", "0-", "3--5", "0-1.5"])
+def test_bad_seeds_are_one_line(text):
+    from sample import parse_seeds
+    with pytest.raises(UserError, match=r"--seeds must look like 0-49999 or 0,5,10-19 \(non-negative integers"):
+        parse_seeds(text)
+
+
+def test_good_seeds():
+    from sample import parse_seeds
+    assert parse_seeds(" 0 - 2,7,7,4") == [0, 1, 2, 4, 7]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps must be >= 2, got 0"),
+    (["--steps", "-2"], "--steps must be >= 2, got -2"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--S_churn", "-1"], "--S_churn must be >= 0, got -1.0"),
+    (["--S_noise", "nan"], "--S_noise must be >= 0, got nan"),
+    (["--S_max", "-1"], "--S_max must be >= sample.S_min (0.0), got -1.0"),
+    (["--S_min", "2", "--S_max", "1"], "--S_max must be >= --S_min (2.0), got 1.0"),
+    (["--seeds", "5-2"], "--seeds must look like"),
+    (["--score-blocks", "1"], "--score-blocks must be >= 2"),
+    (["--epoch", "-1"], "--epoch must be >= 0, got -1"),
+    (["--score", "--seeds", "0-38"], "--score needs at least 40 seeds (4 blocks of 10), got 39"),
+    (["sample.steps=1"], "sample.steps must be >= 2, got 1"),
+])
+def test_sample_flags_meet_the_config_ranges(tmp_path, flags, message):
+    import sample
+    with pytest.raises(UserError) as e:
+        sample.main(["--config", DIGITS, "--outdir", str(tmp_path), *flags])
+    assert str(e.value).startswith(message), str(e.value)
+    assert os.listdir(tmp_path) == []  # nothing started
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--sigma", "-0.5"], "--sigma must be > 0, got -0.5"),
+    (["--epoch", "-2"], "--epoch must be >= 0, got -2"),
+    (["probe.holdout=1.5"], "probe.holdout must be in [0, 1)"),
+])
+def test_probe_flags_meet_the_config_ranges(tmp_path, flags, message):
+    import probe
+    with pytest.raises(UserError) as e:
+        probe.main(["--config", DIGITS, "--outdir", str(tmp_path), *flags])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end: exit 2, one line on stderr, no traceback, nothing done.
+
+def assert_one_line_exit_2(proc, needle):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-2000:]
+
+
+def test_train_rejects_batch_size_0_before_creating_the_run(tmp_path):
+    outdir = tmp_path / "run"
+    proc = run_script("train.py", "--config", DIGITS, "--outdir", str(outdir), "train.batch_size=0", check=False)
+    assert_one_line_exit_2(proc, "train.batch_size must be >= 1, got 0")
+    assert not outdir.exists()
+
+
+def test_train_rejects_a_non_network_unet_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(open(os.path.join(ROOT, DIGITS)).read().replace("unet: unetE.py", "unet: sample.py"))
+    proc = run_script("train.py", "--config", str(path), "--dry-run", check=False)
+    assert_one_line_exit_2(proc, "unet: 'sample.py' is not a network file; allowed: unetC.py, unetE.py, unetG.py")
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--seeds", "5-2"], "--seeds must look like 0-49999 or 0,5,10-19"),
+    (["--steps", "0"], "--steps must be >= 2, got 0"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+])
+def test_sample_rejects_bad_flags_before_sampling(tmp_path, flags, needle):
+    proc = run_script("sample.py", "--config", DIGITS, "--outdir", str(tmp_path), *flags, check=False)
+    assert_one_line_exit_2(proc, needle)
+    assert "sampling" not in proc.stdout and os.listdir(tmp_path) == []
+
+
+def test_sample_checks_the_inception_weights_load_before_sampling(tmp_path):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(os.urandom(4096))
+    outdir = tmp_path / "run"
+    outdir.mkdir()
+    proc = run_script("sample.py", "--config", DIGITS, "--outdir", str(outdir), "--seeds", "0-9", "--fid", "auto",
+                      "--inception-weights", str(weights), check=False)
+    # Without the check it would fail later, on the missing checkpoint (or, with one, after sampling).
+    assert_one_line_exit_2(proc, f"{weights}: cannot read the Inception weights")
+    assert "sampling" not in proc.stdout and os.listdir(outdir) == []
+
+
+def test_ema_sweep_rejects_sigma_rel_out_of_range(tmp_path):
+    proc = run_script("tools/ema_sweep.py", "--config", DIGITS, "--outdir", str(tmp_path), "--sigma-rels", "0.05,0.3", check=False)
+    assert_one_line_exit_2(proc, "--sigma-rels must be a list of numbers, each in (0, 1/sqrt(12)), got [0.05, 0.3]")
+    proc = run_script("tools/ema_sweep.py", "--config", DIGITS, "--outdir", str(tmp_path), "--num-images", "39", check=False)
+    assert_one_line_exit_2(proc, "--num-images must be >= 40")
