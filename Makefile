@@ -48,7 +48,7 @@ compare-demo: $(VENV)/.installed
 	done
 	$(PY) tools/compare.py $(CMP)/C $(CMP)/E $(CMP)/G --out $(CMP)/compare
 
-# Class-conditional digits Config E (~3 min on 2 CPU cores, labels dropped 10% of the time), then 1,000 samples
+# Class-conditional digits Config E (~16 min in all on 2 CPU cores; labels dropped 10% of the time), then 1,000 samples
 # of the balanced class mix per guidance weight, unguided (W = 1), with classifier-free guidance and with
 # autoguidance by the run's own epoch-5 checkpoint; each scored (FD/KID/precision/recall and the dataset
 # classifier's accuracy against the requested class, mean +- std over seed blocks). Both sweeps share one plot:

@@ -103,7 +103,8 @@ class _Plain:
         rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
         eta = (self.total - self.n) / rate if rate > 0 else float("inf")
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 * 30 else "?"
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.desc} {self.n}/{self.total} {self.unit}s "
+        units = self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.desc} {self.n}/{self.total} {units} "
               f"({100 * self.n / max(self.total, 1):.1f}%), {rate:.3g} {self.unit}/s, eta {eta_text}"
               + (f", {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
 
