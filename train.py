@@ -8,6 +8,7 @@ Everything time-dependent (LR, EMAs, snapshots, checkpoints) is a function of th
 """
 
 import argparse
+import json
 import os
 import signal
 
@@ -15,9 +16,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from tools import dist
-from tools.checkpoint import atomic_write, checkpoint_path, remove_stale_temp
+from tools.checkpoint import atomic_write, checkpoint_path, read_jsonl, remove_stale_temp
 from tools.cli import Stopped, run_main
 from tools.config import build_edm, dump, load_config
+from tools.evaluation import Evaluator, summary, summary_lines
 from tools.log import progress, to_run_log
 from tools.runs import lock_for_training
 from tools.trainer import Batches, Metrics, StopRequests, TrainState, save_grid
@@ -80,6 +82,7 @@ def train(cfg, rank, world, device):
                                     broadcast_buffers=False) if world > 1 else state.edm
 
     metrics = Metrics(cfg, outdir, rank, world, device, step, epoch_img)
+    evaluator = Evaluator(cfg, data.images, data.labels, rank, world, device)  # validation loss and quality curve
     num_params = sum(p.numel() for p in state.edm.net.parameters())
     dist.print0(f"{cfg['unet']}: {num_params / 1e6:.2f}M parameters, {len(data.images)} images, {world} rank(s) on {device.type}, "
                 f"{T['epochs']} epochs of {steps_per_epoch} steps; run directory {outdir}")
@@ -108,6 +111,10 @@ def train(cfg, rank, world, device):
                     epoch, last = step // steps_per_epoch, step == total_steps
                     if rank == 0 and T["grid_epochs"] and (epoch % T["grid_epochs"] == 0 or last):
                         save_grid(state.emas.classic.ema_model, cfg, outdir, epoch, t_img, metrics.writer, device)
+                    if evaluator.due(epoch, last):
+                        rows = evaluator(state.emas.classic.ema_model, state.edm.loss, t_img, epoch)
+                        if rank == 0:
+                            metrics.log_evaluation(rows)
                     if epoch % T["checkpoint_epochs"] == 0 or last:
                         state.check_weights(epoch)
                         saved = state.save(outdir, epoch, metrics) if rank == 0 else checkpoint_path(outdir, epoch)
@@ -130,6 +137,16 @@ def train(cfg, rank, world, device):
         metrics.close()
     dist.print0(f"done: {state.t_img / 1000:.1f} kimg. Checkpoints: {os.path.join(outdir, 'checkpoints')}\n"
                 f"TensorBoard: tensorboard --logdir {os.path.join(outdir, 'tensorboard')}")
+    if rank == 0:
+        write_summary(outdir)
+
+
+def write_summary(outdir):
+    """OUTDIR/eval_summary.json and its lines on the terminal: the evaluation curves of the whole run at a glance."""
+    s = summary(read_jsonl(os.path.join(outdir, "metrics.jsonl")))
+    if s is not None:
+        atomic_write(os.path.join(outdir, "eval_summary.json"), lambda f: f.write(json.dumps(s, indent=1).encode()))
+        print("\n".join(summary_lines(s)), flush=True)
 
 
 if __name__ == "__main__":

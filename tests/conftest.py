@@ -28,7 +28,7 @@ def run_script(*args, env=None, check=True, timeout=600):
 def trained_digits_run(tmp_path_factory):
     """A digits Config E run trained for 4 epochs (about 30 s on 2 cores), shared by the tests that need weights."""
     outdir = str(tmp_path_factory.mktemp("digits-E"))
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", outdir, "train.epochs=4", "train.grid_epochs=0",
+    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", outdir, "train.epochs=4", "train.grid_epochs=0", "train.eval_epochs=0",
                "train.checkpoint_epochs=2")
     return outdir
 

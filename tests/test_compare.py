@@ -10,7 +10,7 @@ from conftest import run_script
 from tools.config import dump, load_config
 from tools.posthoc import list_snapshots, reconstruct
 
-FAST = ["network.model_channels=8", "train.batch_size=128", "train.grid_epochs=0", "train.checkpoint_epochs=2",
+FAST = ["network.model_channels=8", "train.batch_size=128", "train.grid_epochs=0", "train.eval_epochs=0", "train.checkpoint_epochs=2",
         "ema.snapshot_epochs=0.5"]
 
 

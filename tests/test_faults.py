@@ -15,7 +15,7 @@ import yaml
 from conftest import ROOT, run_script
 
 # 23 steps per epoch (1,497 digits / 64), small network: a run of 2 epochs takes seconds, and a signal lands mid-epoch.
-FAST = ["network.model_channels=8", "network.dropout=0.1", "train.batch_size=64", "train.grid_epochs=0", "train.log_steps=1",
+FAST = ["network.model_channels=8", "network.dropout=0.1", "train.batch_size=64", "train.grid_epochs=0", "train.eval_epochs=0", "train.log_steps=1",
         "ema.snapshot_epochs=0.5", "train.checkpoint_epochs=1", "train.epochs=2"]
 
 

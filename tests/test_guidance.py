@@ -141,7 +141,7 @@ def cond_run(tmp_path_factory):
     (the autoguidance guide) and 8, the training grid at the end."""
     outdir = str(tmp_path_factory.mktemp("digits-E-cond"))
     run_script("train.py", "--config", COND, "--outdir", outdir, f"train.epochs={EPOCHS}", "train.checkpoint_epochs=4",
-               "train.keep_checkpoints=0", f"train.grid_epochs={EPOCHS}", "train.log_steps=11", "ema.snapshot_epochs=4")
+               "train.keep_checkpoints=0", f"train.grid_epochs={EPOCHS}", "train.log_steps=11", "ema.snapshot_epochs=4", "train.eval_epochs=0")
     return outdir
 
 

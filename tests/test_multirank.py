@@ -27,10 +27,24 @@ def torchrun(*args, port):
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
+def two_rank_run(tmp_path_factory, metric_cache):
+    """Trained on 2 ranks with the evaluation every epoch (validation loss on 64 images, a quality curve of 40 samples)."""
     run = str(tmp_path_factory.mktemp("two-rank") / "E")
-    torchrun("train.py", "--config", "config/digits/E.yaml", "--outdir", run, *FAST, port=29531)
+    torchrun("train.py", "--config", "config/digits/E.yaml", "--outdir", run, *FAST, "train.eval_epochs=1", "train.eval_images=64",
+             "train.eval_samples=40", "sample.steps=4", "sample.batch=16", f"data.cache={metric_cache}", port=29531)
     return run
+
+
+def test_evaluation_during_two_rank_training_equals_one_process(two_rank_run, metric_cache):
+    """The validation loss and quality curve that 2 ranks computed while training (chunks of 16 images shared out)
+    are bit-identical to one process evaluating the same checkpoint afterwards."""
+    rows = [json.loads(line) for line in open(os.path.join(two_rank_run, "metrics.jsonl"))]
+    during = [r for r in rows if r.get("kind") in ("eval", "curve")]
+    assert [(r["kind"], r["epoch"]) for r in during] == [("eval", 1), ("curve", 1), ("eval", 2), ("curve", 2)]
+    proc = run_script("tools/evaluation.py", "--outdir", two_rank_run, "--epoch", "2", "--samples", "40", f"data.cache={metric_cache}")
+    after = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "eval_s"} for r in rs]
+    assert strip(after) == strip(during[2:])
 
 
 def test_two_rank_pipeline(two_rank_run, metric_cache, tmp_path):
@@ -52,6 +66,7 @@ def test_two_rank_pipeline(two_rank_run, metric_cache, tmp_path):
 
     proc = run_script("tools/compare.py", run, "--out", str(tmp_path / "compare"))
     assert "FD_classifier" in proc.stdout
+    assert {"val_loss_vs_kimg.png", "curve_KID_vs_kimg.png"} <= set(os.listdir(tmp_path / "compare"))
     log = open(os.path.join(run, "log.txt")).read()
     assert all(f"{s} --outdir" in log for s in ("sample.py", "probe.py", "tools/ema_sweep.py")) and "\r" not in log
 

@@ -17,7 +17,7 @@ from tools.training import learning_rate
 
 # A smaller network and a larger batch than the digits default: 5 steps per epoch, seconds per run.
 # Dropout on (the digits default is 0, every CIFAR config uses it), so resume and world-size tests cover its masks.
-FAST = ["network.model_channels=8", "network.dropout=0.1", "train.batch_size=256", "train.grid_epochs=0",
+FAST = ["network.model_channels=8", "network.dropout=0.1", "train.batch_size=256", "train.grid_epochs=0", "train.eval_epochs=0",
         "train.log_steps=1", "ema.snapshot_epochs=1", "train.checkpoint_epochs=1"]
 
 

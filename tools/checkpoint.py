@@ -11,6 +11,7 @@ unverified.
 import errno
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -187,6 +188,20 @@ def append_text(path, text):
         if user_error is None:
             raise
         raise user_error from None
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file such as metrics.jsonl ([] if there is none); a line cut short by a killed
+    writer is skipped."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return rows
 
 
 def remove(path):

@@ -25,19 +25,9 @@ sys.path.insert(0, ROOT)
 
 import yaml  # noqa: E402
 
+from tools.checkpoint import read_jsonl  # noqa: E402
 from tools.cli import UserError, run_main  # noqa: E402
-
-
-def read_jsonl(path):
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a killed run
-                    pass
-    return rows
+from tools.evaluation import summary  # noqa: E402
 
 
 def read_probe_results(outdir):
@@ -80,7 +70,9 @@ def summarize(outdir):
                dataset=cfg["data"]["dataset"], params_M=params / 1e6, ema=cfg["sample"]["ema"],
                img_per_s=statistics.median(r["img_per_s"] for r in train_rows[1:] or train_rows) if train_rows else None,
                kimg=max((r["kimg"] for r in train_rows), default=0.0), quality=quality, sweeps=sweeps,
-               fids=[r for r in metrics if "fid" in r], probes=read_probe_results(outdir))
+               fids=[r for r in metrics if "fid" in r], probes=read_probe_results(outdir),
+               evals=[r for r in metrics if r.get("kind") == "eval"], curve=[r for r in metrics if r.get("kind") == "curve"],
+               eval_summary=summary(metrics))
     # Quality at the newest scored epoch with the config's own EMA, unguided (a conditional run: its balanced
     # class mix, sample.py's default): nothing is selected. Guided rows are tools/guidance_sweep.py's business.
     own = [q for q in quality if q["ema"] == row["ema"] and q.get("guidance", 1) == 1 and q.get("classes", "mix") == "mix"]
@@ -147,7 +139,31 @@ def table(rows):
             lines.append(f"| {ranks[same.index(r)] if r in same else '-'} | {r['run']} | {r['config']} | {r['params_M']:.2f}M | "
                          f"{fmt(r['img_per_s'], '.0f')} | {r['kimg']:.1f} | " + " | ".join(cells) + f" | {probe} | {r.get('best_sigma_rel', '-')} |")
         lines.append("")
+    lines += curves_table(rows)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def curves_table(rows):
+    """Lines of the training-curve table (train.eval_epochs): where the quality curve was best, where the
+    validation loss was lowest, and the final gap between validation and training-subset loss."""
+    with_curves = [r for r in rows if r["eval_summary"]]
+    if not with_curves:
+        return []
+    lines = ["Training curves (train.eval_epochs): quality-curve KID by the dataset classifier, mean +- std over 4 seed blocks; "
+             "validation loss at fixed noise levels and noise, beside an equally large subset of the training images.", "",
+             "| run | best KID (kimg) | curve samples | lowest val loss (kimg) | final val loss | final train-subset loss | gap |",
+             "|---|---|---|---|---|---|---|"]
+    for r in with_curves:
+        s = r["eval_summary"]
+        kid = f"{s['best_KID']:.4f} +- {s['best_KID_std']:.4f} ({s['best_KID_kimg']:.1f})" if "best_KID" in s else "-"
+        count = str(r["curve"][-1]["count"]) if r["curve"] else "-"
+        if "best_val_loss" in s:
+            val = [f"{s['best_val_loss']:.4f} ({s['best_val_loss_kimg']:.1f})", f"{s['final_val_loss']:.4f}",
+                   f"{s['final_train_loss']:.4f}", f"{s['final_gap']:+.4f} ({s['final_gap_pct']:+.1f}%)"]
+        else:
+            val = ["-"] * 4
+        lines.append(f"| {r['run']} | {kid} | {count} | " + " | ".join(val) + " |")
+    return lines + [""]
 
 
 def plots(rows, out):
@@ -157,13 +173,14 @@ def plots(rows, out):
     written = []
 
     def figure(name, series, xlabel, ylabel):
-        if not any(pts for _, pts in series):
+        if not any(pts for _, pts, *_ in series):
             return
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for label, pts in series:
+        for label, pts, *style in series:  # style: (fmt, color), default ("o-", the next colour)
             if pts:
                 x, y, err = zip(*sorted(pts))
-                ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=label)
+                fmt, color = (*style, None)[:2] if style else ("o-", None)
+                ax.errorbar(x, y, yerr=err, fmt=fmt, color=color, capsize=3, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -187,6 +204,15 @@ def plots(rows, out):
                                  for r in rows], "training images (k)", f"probe test accuracy %")
     figure("probe_vs_sigma_rel.png", [(label(r), [(s["sigma_rel"], s["probe_acc"], 0) for s in r["sweeps"] if "probe_acc" in s])
                                       for r in rows], "sigma_rel", "probe test accuracy % (post-hoc EMA)")
+    # The curves of train.eval_epochs: validation loss (solid) beside the training-subset loss (dashed); the quality curve.
+    figure("val_loss_vs_kimg.png", [series for i, r in enumerate(rows) for series in
+                                    ((f"{label(r)} validation", [(e["kimg"], e["val_loss"], 0) for e in r["evals"]], "o-", f"C{i}"),
+                                     (f"{label(r)} training subset", [(e["kimg"], e["train_loss"], 0) for e in r["evals"]], "x--", f"C{i}"))],
+           "training images (k)", "loss at fixed sigmas and noise")
+    for name in sorted({k for r in rows for c in r["curve"] for k in c if k in ("KID", "KID_inception") or
+                        k.startswith("FD_") and not k.endswith("_std")}):
+        figure(f"curve_{name}_vs_kimg.png", [(label(r), [(c["kimg"], c[name], c[name + "_std"]) for c in r["curve"] if name in c])
+                                             for r in rows], "training images (k)", f"{name} of the quality curve (mean +- std)")
     return written
 
 

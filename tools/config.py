@@ -56,6 +56,11 @@ DEFAULTS = {
         "log_steps": 50,                # TensorBoard scalar cadence in optimizer steps.
         "max_nonfinite_steps": 100,     # Stop when the loss is non-finite this many steps in a row.
         "label_dropout": 0.0,           # Probability of dropping the class label (for classifier-free guidance).
+        "eval_epochs": 0,               # Cadence of the evaluation (tools/evaluation.py: validation loss, quality curve); 0 = never.
+        "eval_sigmas": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0],  # Noise levels of the validation loss (its total: their mean).
+        "eval_images": 0,               # Held-out images of the validation loss, and as many training images; 0 = the whole split.
+        "eval_samples": 0,              # Samples of the quality curve (seeds 0, 1, ...; KID, FD, P/R by the dataset classifier); 0 = none.
+        "eval_inception": False,        # Also Inception FD/KID on the quality curve where local weights exist (FID_INCEPTION_WEIGHTS).
     },
     "ema": {
         "classic_halflife_kimg": 500.0, # Classic EMA (ema-pytorch) half-life in thousands of images.
@@ -133,6 +138,10 @@ RANGES = {
     ("train", "log_steps"): ">= 1",
     ("train", "max_nonfinite_steps"): ">= 1",
     ("train", "label_dropout"): "[0, 1)",
+    ("train", "eval_epochs"): ">= 0",
+    ("train", "eval_sigmas"): "each > 0",
+    ("train", "eval_images"): ">= 0",
+    ("train", "eval_samples"): ">= 0",        # and 0 or >= MIN_CURVE_SAMPLES: see validate
     ("ema", "classic_halflife_kimg"): "> 0",
     ("ema", "classic_rampup_ratio"): ">= 0",
     ("ema", "sigma_rels"): "each (0, 1/sqrt(12))",  # where power-function profiles exist (tools/posthoc.py SIGMA_REL_MAX)
@@ -157,8 +166,10 @@ LENGTHS = {  # (fewest, most) entries of a list; None = no limit
     ("network", "channel_mult"): (1, None),
     ("train", "betas"): (2, 2),
     ("probe", "C_grid"): (1, None),
+    ("train", "eval_sigmas"): (1, None),
     ("probe", "grid_sigmas"): (1, None),
 }
+MIN_CURVE_SAMPLES = 40  # train.eval_samples: the quality curve's 4 seed blocks (tools/evaluation.py) of >= 10 samples
 UNBOUNDED = {("sample", "S_max")}  # .inf is meaningful here (churn at every noise level)
 _NAMED_BOUNDS = {"1/sqrt(12)": 12 ** -0.5}
 
@@ -341,6 +352,9 @@ def validate(raw):
             _check_network(out)
         else:
             check_ranges(section, out)
+        if section == "train" and 0 < out["eval_samples"] < MIN_CURVE_SAMPLES:
+            raise UserError(f"train.eval_samples must be 0 (no quality curve) or at least {MIN_CURVE_SAMPLES} "
+                            f"(4 seed blocks of 10), got {out['eval_samples']}")
         cfg[section] = out
     return cfg
 

@@ -26,7 +26,7 @@ import sample  # noqa: E402
 from tools import dist  # noqa: E402
 from tools.checkpoint import atomic_write, load_epoch  # noqa: E402
 from tools.cli import UserError, run_main  # noqa: E402
-from tools.compare import read_jsonl  # noqa: E402
+from tools.checkpoint import read_jsonl  # noqa: E402
 from tools.runs import resolve  # noqa: E402
 
 METRICS = ("KID", "precision", "recall", "class_accuracy")  # besides the FD, each with its spread over seed blocks

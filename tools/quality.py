@@ -66,6 +66,74 @@ def build_extractor(cfg, extractor, device, inception_weights=None):
     return model
 
 
+class Scorer:
+    """What scoring costs once per dataset: the feature extractor, the training split's reference features, and
+    the held-out split's distances to the training set (the memorisation threshold). score() then costs only
+    the samples' own features and distances, so a training run can score a quality curve every few epochs."""
+
+    def __init__(self, cfg, extractor=None, device="cpu", inception_weights=None, inception_ref=None, log=print):
+        self.cfg, self.device = cfg, device
+        self.extractor = extractor or default_extractor(cfg)
+        self.model = build_extractor(cfg, self.extractor, device, inception_weights)
+        self.mu_ref, self.sigma_ref, self.ref = reference(cfg, self.extractor, self.model, device, inception_weights, inception_ref)
+        self.classifier = self.model if self.extractor == "classifier" else None
+        self.train, _ = load_dataset(cfg, "train")
+        self.train = self.train.to(device)
+        try:
+            heldout, _ = load_dataset(cfg, "test")
+            self.heldout_dist, _ = metrics.nearest_distances(heldout.to(device), self.train)
+        except UserError as e:
+            log(f"memorisation not measured: {e}")
+            self.heldout_dist = None
+
+    def score(self, samples, blocks=4, pairs_path=None, classes=None):
+        """Quality metrics of uint8 samples [N, C, H, W] (in seed order); see score_samples."""
+        samples = torch.as_tensor(samples)
+        n = len(samples) // blocks
+        if n < 10:
+            raise UserError(f"scoring needs at least {10 * blocks} samples ({blocks} blocks of 10), got {len(samples)}")
+        samples = samples[:n * blocks]
+        feats, probs = _extract(self.extractor, self.model, samples, self.device)
+        if classes is not None:
+            if self.classifier is None:
+                self.classifier = build_extractor(self.cfg, "classifier", self.device)
+                class_probs = _extract("classifier", self.classifier, samples, self.device)[1]
+            else:
+                class_probs = probs
+            requested = np.asarray(classes[:n * blocks], dtype=np.int64)
+            if requested.max() >= self.classifier.num_classes:
+                raise UserError(f"requested class {requested.max()} but the dataset {self.cfg['data']['dataset']} has "
+                                f"{self.classifier.num_classes} classes: network.label_dim must be its number of classes")
+        sample_dist, sample_idx = metrics.nearest_distances(samples.to(self.device), self.train)
+
+        name, ref = f"FD_{self.model.name}", self.ref
+        per_block = []
+        for b in range(blocks):
+            s = slice(b * n, (b + 1) * n)
+            f = feats[s]
+            row = {name: metrics.frechet_distance(*metrics.feature_stats(f), self.mu_ref, self.sigma_ref)}
+            row["KID"] = metrics.kid(f, ref, num_subsets=KID_SUBSETS, subset_size=min(n, metrics.KID_SUBSET_SIZE))[0]
+            # k-NN radii shrink as a set grows: compare with an equally large random subset of the training features.
+            real = ref[np.random.default_rng(b).choice(len(ref), min(n, len(ref)), replace=False)]
+            row.update(metrics.precision_recall(real, f, k=3))
+            if probs is not None:
+                row.update(metrics.class_coverage(probs[s]))
+            if self.heldout_dist is not None:
+                row.update(metrics.memorisation(sample_dist[s], self.heldout_dist))
+            if classes is not None:
+                row["class_accuracy"] = float((class_probs[s].argmax(1) == requested[s]).mean())
+            per_block.append(row)
+        out = dict(extractor=self.model.name, count=n * blocks, blocks=blocks, block_size=n, reference_count=len(ref))
+        for key in per_block[0]:
+            values = np.array([r[key] for r in per_block], dtype=np.float64)
+            out[key], out[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1))
+        if self.classifier is not None:
+            out["classifier_test_accuracy"] = self.classifier.test_accuracy
+        if pairs_path is not None:
+            out["nearest_pairs"] = metrics.save_nearest_pairs(pairs_path, samples, self.train.cpu(), sample_idx, sample_dist)
+        return out
+
+
 def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_path=None, inception_weights=None,
                   inception_ref=None, classes=None):
     """Quality metrics of uint8 samples [N, C, H, W] (in seed order) against the config's dataset.
@@ -76,62 +144,10 @@ def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_pa
     needs the dataset's test split (its distances to the training set set the threshold); without one it is skipped.
     `classes` (the requested class of each sample, conditional models) adds `class_accuracy` and the classifier's test accuracy.
     """
-    extractor = extractor or default_extractor(cfg)
-    samples = torch.as_tensor(samples)
-    n = len(samples) // blocks
-    if n < 10:
+    if len(samples) // blocks < 10:
         raise UserError(f"scoring needs at least {10 * blocks} samples ({blocks} blocks of 10), got {len(samples)}")
-    model = build_extractor(cfg, extractor, device, inception_weights)
-    mu_ref, sigma_ref, ref = reference(cfg, extractor, model, device, inception_weights, inception_ref)
-    feats, probs = _extract(extractor, model, samples[:n * blocks], device)
-    classifier = model if extractor == "classifier" else None
-    if classes is not None:
-        if classifier is None:
-            classifier = build_extractor(cfg, "classifier", device)
-            class_probs = _extract("classifier", classifier, samples[:n * blocks], device)[1]
-        else:
-            class_probs = probs
-        requested = np.asarray(classes[:n * blocks], dtype=np.int64)
-        if requested.max() >= classifier.num_classes:
-            raise UserError(f"requested class {requested.max()} but the dataset {cfg['data']['dataset']} has {classifier.num_classes} "
-                            f"classes: network.label_dim must be its number of classes")
-
-    train, _ = load_dataset(cfg, "train")
-    try:
-        heldout, _ = load_dataset(cfg, "test")
-        heldout_dist, _ = metrics.nearest_distances(heldout.to(device), train.to(device))
-    except UserError as e:
-        print(f"memorisation not measured: {e}", flush=True)
-        heldout_dist = None
-    sample_dist, sample_idx = metrics.nearest_distances(samples[:n * blocks].to(device), train.to(device))
-
-    name = f"FD_{model.name}"
-    per_block = []
-    for b in range(blocks):
-        s = slice(b * n, (b + 1) * n)
-        f = feats[s]
-        row = {name: metrics.frechet_distance(*metrics.feature_stats(f), mu_ref, sigma_ref)}
-        row["KID"] = metrics.kid(f, ref, num_subsets=KID_SUBSETS, subset_size=min(n, metrics.KID_SUBSET_SIZE))[0]
-        # k-NN radii shrink as a set grows: compare with an equally large random subset of the training features.
-        real = ref[np.random.default_rng(b).choice(len(ref), min(n, len(ref)), replace=False)]
-        row.update(metrics.precision_recall(real, f, k=3))
-        if probs is not None:
-            row.update(metrics.class_coverage(probs[s]))
-        if heldout_dist is not None:
-            row.update(metrics.memorisation(sample_dist[s], heldout_dist))
-        if classes is not None:
-            row["class_accuracy"] = float((class_probs[s].argmax(1) == requested[s]).mean())
-        per_block.append(row)
-    out = dict(extractor=model.name, count=n * blocks, blocks=blocks, block_size=n, reference_count=len(ref))
-    for key in per_block[0]:
-        values = np.array([r[key] for r in per_block], dtype=np.float64)
-        out[key], out[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1))
-    if classifier is not None:
-        out["classifier_test_accuracy"] = classifier.test_accuracy
-    if pairs_path is not None:
-        out["nearest_pairs"] = metrics.save_nearest_pairs(pairs_path,
-                                                          samples[:n * blocks], train, sample_idx, sample_dist)
-    return out
+    scorer = Scorer(cfg, extractor, device, inception_weights, inception_ref, log=lambda m: print(m, flush=True))
+    return scorer.score(samples, blocks, pairs_path, classes)
 
 
 def format_line(r):

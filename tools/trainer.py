@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from tools import dist
-from tools.checkpoint import append_text, atomic_save, atomic_write, checkpoint_path, list_checkpoints, load, remove
+from tools.checkpoint import append_text, atomic_save, atomic_write, checkpoint_path, list_checkpoints, load, read_jsonl, remove
 from tools.cli import UserError
 from tools.config import build_edm, dump
 from tools.data import load_dataset, to_float
@@ -210,6 +210,15 @@ class TrainState:
         return path
 
 
+def _row_key(row):
+    """What a row of metrics.jsonl is a point of: (kind, step) of a training row, (kind, kimg) of an evaluation."""
+    if "img_per_s" in row:
+        return ("train", row["step"])
+    if row.get("kind") in ("eval", "curve"):
+        return (row["kind"], row["kimg"])
+    return None
+
+
 def _ends_with_newline(path):
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
@@ -282,10 +291,15 @@ class Metrics:
         self.streak = torch.zeros((), device=device)  # consecutive steps with non-finite gradients
         self.t_log, self.step_log = time.time(), step
         self.writer, self.path = None, os.path.join(outdir, "metrics.jsonl")
+        self.written = set()  # (kind, step or kimg) of the rows already in metrics.jsonl: a resumed run writes none twice
         if rank == 0:
-            self.writer = SummaryWriter(os.path.join(outdir, "tensorboard"))
+            # A resumed run replays (bit-exactly) what the killed one did after its checkpoint: TensorBoard hides the
+            # killed run's points from there on, and metrics.jsonl keeps its rows instead of repeating them.
+            t_img = step * cfg["train"]["batch_size"]
+            self.writer = SummaryWriter(os.path.join(outdir, "tensorboard"), purge_step=t_img + 1 if step else None)
             if os.path.exists(self.path) and os.path.getsize(self.path) and not _ends_with_newline(self.path):
                 append_text(self.path, "\n")  # a line cut short by a killed run stays a line of its own
+            self.written = {_row_key(r) for r in read_jsonl(self.path)} - {None}
 
     def add_losses(self, loss, sigma):
         """Per-sample losses of one micro-batch, at their noise levels."""
@@ -327,7 +341,7 @@ class Metrics:
                     u = state.edm.loss.uncertainty(torch.tensor([0.01, 0.1, 1.0, 10.0], device=self.device)).tolist()
                 for s, v in zip((0.01, 0.1, 1.0, 10.0), u):
                     writer.add_scalar(f"uncertainty/sigma={s:g}", v, t_img)
-            self.write(row)
+            self.write(row, _row_key(row))
         self.acc.zero_()
         self.acc_bucket.zero_()
         self.t_log, self.step_log = time.time(), step
@@ -340,9 +354,31 @@ class Metrics:
             raise UserError(f"gradients non-finite for {int(self.streak.item())} consecutive steps at {t_img / 1000:.1f} kimg; stopped. "
                             f"Last good checkpoint: {good[-1][1] if good else 'none'}")
 
-    def write(self, row):
-        """One row of metrics.jsonl (rank 0), written whole or not at all."""
+    def write(self, row, key=None):
+        """One row of metrics.jsonl (rank 0), written whole or not at all; not again if a row of this key is there."""
+        if key is not None and key in self.written:
+            return
         append_text(self.path, json.dumps(row) + "\n")
+        self.written.add(key)
+
+    def log_evaluation(self, rows):
+        """Rows of tools/evaluation.py (rank 0) to TensorBoard and metrics.jsonl, with a line each on the terminal."""
+        from tools.evaluation import describe
+        for row in rows:
+            t_img = round(row["kimg"] * 1000)
+            if row["kind"] == "eval":
+                for k in ("val_loss", "train_loss", "gap"):
+                    self.writer.add_scalar(f"eval/{k}", row[k], t_img)
+                for s, v, t in zip(row["sigmas"], row["val_loss_by_sigma"], row["train_loss_by_sigma"]):
+                    self.writer.add_scalar(f"eval_val_loss/sigma={s:g}", v, t_img)
+                    self.writer.add_scalar(f"eval_train_loss/sigma={s:g}", t, t_img)
+            else:
+                for k in ("KID", "FD_classifier", "precision", "recall", "memorised_fraction", "class_accuracy", "FD_inception",
+                          "KID_inception"):
+                    if k in row:
+                        self.writer.add_scalar(f"quality_curve/{k}", row[k], t_img)
+            self.write(row, _row_key(row))
+            print(f"evaluation at epoch {row['epoch']} ({row['kimg']:.1f} kimg): {describe(row)} [{row['eval_s']:.1f} s]", flush=True)
 
     def close(self):
         if self.rank == 0:

@@ -1,0 +1,238 @@
+"""Evaluation during training, every train.eval_epochs: a validation loss, a quality curve, and a run's summary.
+
+- Validation loss: the training loss function itself (tools/edm.py EDMLoss, the learned weighting u(sigma)
+  included) of the classic-EMA network on the held-out split, at each noise level of train.eval_sigmas, with
+  one fixed noise image per held-out image (the same at every evaluation and in every run, so the curve has no
+  sampling noise of its own); beside it the same quantity on an equally large fixed subset of the images the
+  run trains on. A network that memorises denoises its training images better than held-out ones, so the gap
+  val - train is the memorisation signal, and a validation loss that rises again is its first warning.
+  No flips, no label dropout, no dropout (eval mode); a conditional network gets the images' true labels.
+- Quality curve: train.eval_samples images from seeds 0, 1, ... (those of sample.py) with the sample section's
+  sampler, scored by tools/quality.py with the dataset classifier (KID first: unbiased at small n) in 4 seed
+  blocks, and, with train.eval_inception, also by Inception where local weights exist.
+
+Both are deterministic functions of the weights whatever the number of ranks: the images are cut into chunks
+of sample.batch, chunk c is computed by rank c % world (every image sees the same batch on any rank count),
+the per-image results are gathered, and means are exact sums (math.fsum) in image order.
+
+    python tools/evaluation.py --outdir RUN [--epoch N] [--samples 1000]   # one checkpoint, after the fact
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from tools import dist  # noqa: E402
+from tools.cli import UserError, run_main  # noqa: E402
+from tools.data import load_dataset, to_float, to_uint8  # noqa: E402
+from tools.edm import Denoiser  # noqa: E402
+from tools.sampler import one_hot, sample, seed_classes, SeedNoise  # noqa: E402
+from tools.training import seed_for  # noqa: E402
+
+EVAL_SEED = 0xE7A1          # fixes the subsets and the noise images; independent of train.seed, so runs share them
+HELDOUT, TRAIN = 0, 1       # split codes in the noise seeds
+QUALITY_BLOCKS = 4          # seed blocks of the quality curve (mean +- std, as sample.py --score); see config.MIN_CURVE_SAMPLES
+SAMPLER_KEYS = ("sampler", "steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")
+
+
+def fixed_subset(num_images, n, split):
+    """Indices (sorted) of a fixed random subset of n of num_images images; all of them when n = num_images."""
+    if n >= num_images:
+        return torch.arange(num_images)
+    g = torch.Generator().manual_seed(seed_for(EVAL_SEED, split, num_images, n))
+    return torch.randperm(num_images, generator=g)[:n].sort().values
+
+
+def fixed_noise(split, indices, shape, device):
+    """The noise image of each image index of a split, [len(indices), *shape]: one generator per image."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(seed_for(EVAL_SEED, split, int(i))),
+                                    device=device) for i in indices])
+
+
+def my_chunks(count, chunk, rank, world):
+    """The slices of range(count) in chunks of `chunk` that this rank computes: chunk c on rank c % world."""
+    return [slice(start, min(start + chunk, count)) for start in range(rank * chunk, count, world * chunk)]
+
+
+class Evaluator:
+    """The validation loss and the quality curve of a run; call it with the EMA network at an epoch's end."""
+
+    def __init__(self, cfg, train_images, train_labels, rank, world, device, log=dist.print0):
+        T, self.cfg = cfg["train"], cfg
+        self.rank, self.world, self.device = rank, world, device
+        self.every, self.sigmas, self.num_samples = T["eval_epochs"], list(T["eval_sigmas"]), T["eval_samples"]
+        self.chunk = cfg["sample"]["batch"]
+        self.label_dim = cfg["network"]["label_dim"] if cfg["data"]["use_labels"] else 0
+        self.splits = {}  # split code -> (uint8 images [n, C, H, W], labels [n], indices in their split)
+        if not self.every:
+            return
+        try:
+            heldout, heldout_labels = load_dataset(cfg, "test")
+        except UserError as e:
+            log(f"validation loss off: no held-out split ({e})")
+        else:
+            n = min(len(heldout), len(train_images), T["eval_images"] or len(heldout))
+            for split, (images, labels) in ((HELDOUT, (heldout, heldout_labels)), (TRAIN, (train_images, train_labels))):
+                idx = fixed_subset(len(images), n, split)
+                self.splits[split] = (images[idx.to(images.device)].to(device), labels[idx.to(labels.device)].to(device), idx)
+        self.scorers = {}
+        if self.num_samples:
+            dist.on_rank0(self._build_scorer, "classifier", None, None)
+            if T["eval_inception"]:
+                from tools import fid
+                weights = fid.find_inception_weights()  # local only: a training run never downloads
+                if weights is None:
+                    log(f"quality curve: no local Inception weights (FID_INCEPTION_WEIGHTS or {fid.WEIGHTS_FILE} in the torch "
+                        f"hub cache), so no Inception FID on it")
+                else:
+                    ref = fid.auto_reference(cfg, weights, device)  # collective: computed once, spread over the ranks
+                    dist.on_rank0(self._build_scorer, "inception", weights, ref)
+
+    def _build_scorer(self, extractor, weights, ref):
+        """Rank 0: the scorer of tools/quality.py (the dataset classifier is trained once and cached)."""
+        from tools.quality import Scorer
+        try:
+            self.scorers[extractor] = Scorer(self.cfg, extractor, self.device, weights, ref, log=lambda m: print(m, flush=True))
+        except UserError as e:
+            raise UserError(f"the quality curve (train.eval_samples > 0) cannot be scored: {e}; or set train.eval_samples=0") from None
+
+    def due(self, epoch, last):
+        return bool(self.every) and (epoch % self.every == 0 or last)
+
+    @torch.no_grad()
+    def __call__(self, net, loss_fn, t_img, epoch):
+        """Rows for metrics.jsonl ('eval': validation loss, 'curve': quality) of EMA network `net` with the loss
+        head `loss_fn` (EDMLoss); every rank computes its share, rank 0 gets the rows (the others: [])."""
+        from tools.trainer import autocast
+        amp = lambda: autocast(self.device, self.cfg["train"]["precision"])  # as in training
+        was_training = net.training
+        denoiser = Denoiser(net.eval(), self.cfg["diffusion"]["sigma_data"])
+        rows, start = [], time.time()
+        at = dict(epoch=epoch, kimg=t_img / 1000)
+        if self.splits:
+            val, train = (self.losses(denoiser, loss_fn, split, amp) for split in (HELDOUT, TRAIN))
+            rows.append(dict(kind="eval", **at, val_loss=float(np.mean(val)), train_loss=float(np.mean(train)),
+                             gap=float(np.mean(val) - np.mean(train)), sigmas=self.sigmas, val_loss_by_sigma=val,
+                             train_loss_by_sigma=train, images=len(self.splits[HELDOUT][2]), ema="classic"))
+        if self.num_samples:
+            samples, classes = self.samples(denoiser, amp)
+            if self.rank == 0:
+                row = dict(kind="curve", **at, ema="classic", **self.scorers["classifier"].score(samples, QUALITY_BLOCKS, classes=classes))
+                if "inception" in self.scorers:
+                    r = self.scorers["inception"].score(samples, QUALITY_BLOCKS)
+                    row.update({k: r[k] for k in ("FD_inception", "FD_inception_std")},
+                               KID_inception=r["KID"], KID_inception_std=r["KID_std"])
+                rows.append(row)
+        net.train(was_training)
+        for r in rows:
+            r["eval_s"] = time.time() - start
+        return rows if self.rank == 0 else []
+
+    def losses(self, denoiser, loss_fn, split, amp):
+        """Mean loss at each of the sigmas over the split's evaluation images, exact and rank-independent."""
+        images, labels, idx = self.splits[split]
+        n, shape = len(images), images.shape[1:]
+        per_image = torch.zeros(len(self.sigmas), n, device=self.device)
+        for s in my_chunks(n, self.chunk, self.rank, self.world):
+            y = to_float(images[s])
+            noise = fixed_noise(split, idx[s].tolist(), shape, self.device)
+            class_labels = one_hot(labels[s].tolist(), self.label_dim, self.device) if self.label_dim else None
+            for j, sigma in enumerate(self.sigmas):
+                with amp():
+                    loss = loss_fn(denoiser, y, torch.full((len(y),), sigma, device=self.device), noise, class_labels)
+                per_image[j, s] = loss.float()
+        dist.all_reduce_sum(per_image)  # each entry is computed by one rank, zero elsewhere: the sum is exact
+        return [math.fsum(row) / n for row in per_image.double().tolist()]
+
+    def samples(self, denoiser, amp):
+        """(uint8 samples [eval_samples, C, H, W] of seeds 0, 1, ..., their classes or None), on every rank."""
+        n, net_cfg = self.num_samples, self.cfg["network"]
+        shape = (net_cfg["img_channels"], net_cfg["img_resolution"], net_cfg["img_resolution"])
+        K = net_cfg["label_dim"]
+        out = torch.zeros(n, *shape, dtype=torch.int32, device=self.device)
+        S = {k: self.cfg["sample"][k] for k in SAMPLER_KEYS}
+        for s in my_chunks(n, self.chunk, self.rank, self.world):
+            seeds = list(range(s.start, s.stop))
+            with amp():
+                x = sample(denoiser, SeedNoise(seeds, self.device), shape, one_hot(seed_classes(seeds, K), K, self.device), **S)
+            out[s] = to_uint8(x).to(torch.int32)
+        dist.all_reduce_sum(out)
+        return out.to(torch.uint8).cpu(), seed_classes(range(n), K)
+
+
+def describe(row):
+    """One line for the terminal."""
+    if row["kind"] == "eval":
+        return (f"validation loss {row['val_loss']:.4f}, training subset {row['train_loss']:.4f}, gap {row['gap']:+.4f} "
+                f"({row['images']} images each)")
+    fd = next(k for k in row if k.startswith("FD_") and not k.endswith("_std"))
+    return (f"KID {row['KID']:.5f} +- {row['KID_std']:.5f}, {fd} {row[fd]:.3f} +- {row[fd + '_std']:.3f} "
+            f"({row['count']} samples)")
+
+
+def summary(rows):
+    """The run's evaluation at a glance, from its metrics.jsonl rows: best KID of the quality curve and where it
+    was reached, the lowest validation loss and where, and the final train/validation gap. None without rows."""
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    curve = [r for r in rows if r.get("kind") == "curve"]
+    if not evals and not curve:
+        return None
+    out = {}
+    if curve:
+        best = min(curve, key=lambda r: (r["KID"], r["kimg"]))
+        out.update(best_KID=best["KID"], best_KID_std=best["KID_std"], best_KID_kimg=best["kimg"], best_KID_epoch=best["epoch"],
+                   final_KID=curve[-1]["KID"], curve_points=len(curve))
+    if evals:
+        best, last = min(evals, key=lambda r: (r["val_loss"], r["kimg"])), max(evals, key=lambda r: r["kimg"])
+        out.update(best_val_loss=best["val_loss"], best_val_loss_kimg=best["kimg"], final_val_loss=last["val_loss"],
+                   final_train_loss=last["train_loss"], final_gap=last["gap"], final_gap_pct=100 * last["gap"] / abs(last["val_loss"]),
+                   final_kimg=last["kimg"], eval_points=len(evals))
+    return out
+
+
+def summary_lines(s):
+    lines = []
+    if "best_KID" in s:
+        lines.append(f"best quality-curve KID {s['best_KID']:.5f} +- {s['best_KID_std']:.5f} at {s['best_KID_kimg']:.1f} kimg "
+                     f"(epoch {s['best_KID_epoch']}; {s['curve_points']} points, final {s['final_KID']:.5f})")
+    if "best_val_loss" in s:
+        lines.append(f"validation loss lowest at {s['best_val_loss_kimg']:.1f} kimg ({s['best_val_loss']:.4f}); final "
+                     f"{s['final_val_loss']:.4f} vs {s['final_train_loss']:.4f} on training images: gap {s['final_gap']:+.4f} "
+                     f"({s['final_gap_pct']:+.1f}%)")
+    return lines
+
+
+def main(argv=None):
+    """The validation loss (and with --samples, a quality-curve point) of one checkpoint, printed as JSON lines."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--outdir", required=True, help="the run directory (its config.yaml is read)")
+    p.add_argument("--epoch", type=int, help="checkpoint epoch (default: the newest)")
+    p.add_argument("--samples", type=int, default=0, help="also a quality-curve point from this many samples (default 0: none)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.eval_sigmas=[0.1,1.0]")
+    args = p.parse_args(argv)
+    from tools.checkpoint import load_epoch
+    from tools.config import build_edm
+    from tools.runs import resolve
+    cfg, outdir = resolve(None, args.outdir, [*args.overrides, "train.eval_epochs=1", f"train.eval_samples={args.samples}"])
+    with dist.session() as (rank, world, device):
+        ckpt = load_epoch(outdir, args.epoch, required=("emas", "loss_head", "t_img", "epoch"))
+        edm = build_edm(cfg).to(device)
+        edm.net.load_state_dict(ckpt["emas"]["classic"])
+        edm.loss.load_state_dict(ckpt["loss_head"])
+        images, labels = load_dataset(cfg, "train")
+        evaluator = Evaluator(cfg, images, labels, rank, world, device)
+        for row in evaluator(edm.net, edm.loss, ckpt["t_img"], ckpt["epoch"]):
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
