@@ -66,19 +66,29 @@ def test_validation_loss_is_the_training_loss_at_fixed_sigmas_and_noise(trained_
     assert not os.path.exists(os.path.join(trained_digits_run, "eval_summary.json"))
 
 
+def digits_folder(root, n, classes=False):
+    """A folder dataset of the first n training and n test digits: root/train/, root/test/ (with class sub-folders:
+    only the classes among the first n training digits, so that every test class is a training class)."""
+    from PIL import Image
+    cfg, _ = resolve("config/digits/E.yaml")
+    train_classes = set(load_dataset(cfg, "train")[1][:n].tolist())
+    for split in ("train", "test"):
+        images, labels = load_dataset(cfg, split)
+        kept = [i for i in range(len(images)) if not classes or int(labels[i]) in train_classes][:n]
+        for i in kept:
+            folder = root / split / (str(int(labels[i])) if classes else "")
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(images[i, 0].numpy()).save(folder / f"{i}.png")
+    return [f"data.dataset=folder", f"data.root={root}"]
+
+
 def test_memorising_a_tiny_training_set_widens_the_gap(tmp_path):
     """16 training digits, 1 step per epoch for 150 epochs: the network learns those 16 images far better than 16
     held-out ones, and the gap between the two losses grows from one evaluation to the next."""
-    from PIL import Image
-    cfg, _ = resolve("config/digits/E.yaml")
-    for split in ("train", "test"):
-        images, _ = load_dataset(cfg, split)
-        os.makedirs(tmp_path / "data" / split)
-        for i in range(16):
-            Image.fromarray(images[i, 0].numpy()).save(tmp_path / "data" / split / f"{i}.png")
+    data = digits_folder(tmp_path / "data", 16)
     run = tmp_path / "run"
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(run), "data.dataset=folder",
-               f"data.root={tmp_path / 'data'}", f"data.cache={tmp_path / 'cache'}", "train.batch_size=16", "train.epochs=150",
+    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(run), *data,
+               f"data.cache={tmp_path / 'cache'}", "train.batch_size=16", "train.epochs=150",
                "train.eval_epochs=25", "train.eval_samples=0", "train.grid_epochs=0", "train.checkpoint_epochs=150",
                "train.lr_rampup_epochs=10", "train.lr_ref_epochs=0", "ema.classic_halflife_kimg=0.3", "ema.snapshot_epochs=0",
                "ema.sigma_rels=[0.1]", "train.log_steps=50")
@@ -135,6 +145,26 @@ def test_conditional_run_evaluates_with_labels(tmp_path, metric_cache):
     (ev,) = rows_of(run, "eval")
     assert 0 <= curve["class_accuracy"] <= 1 and np.isfinite(ev["val_loss"])
     assert "best quality-curve KID" in proc.stdout and "validation loss lowest" in proc.stdout
+
+
+def test_inception_joins_the_curve_where_local_weights_exist(tmp_path):
+    """train.eval_inception with FID_INCEPTION_WEIGHTS set (a fixed random Inception here; nothing is downloaded):
+    the curve also carries Inception FD and KID, against the training split's statistics computed once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tools import fid
+    weights = tmp_path / "random-inception.pth"
+    torch.save(fid.random_inception_state_dict(), weights)
+    data = digits_folder(tmp_path / "data", 40, classes=True)
+    run = tmp_path / "run"
+    proc = run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(run), *data, *FAST, f"data.cache={tmp_path / 'cache'}",
+                      "train.batch_size=20", "train.epochs=1", "train.eval_inception=true", env={"FID_INCEPTION_WEIGHTS": str(weights)})
+    (curve,) = rows_of(run, "curve")
+    assert curve["FID_inception"] > 0 and curve["KID_inception_std"] > 0 and curve["FD_classifier"] > 0
+    refs = [f for f in os.listdir(tmp_path / "cache" / "fid-refs") if f.endswith(".npz")]
+    assert len(refs) == 1, refs  # the training split's statistics, computed once
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"quality_curve/FID_inception", "quality_curve/KID_inception", "quality_curve/KID"} <= set(events.Tags()["scalars"])
 
 
 def test_too_few_curve_samples_is_one_line(tmp_path):

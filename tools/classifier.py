@@ -68,15 +68,16 @@ def _train(images, labels, num_classes, device):
     torch.manual_seed(SEED)
     model = Classifier(images.shape[1], num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    steps_per_epoch = max(len(images) // BATCH, 1)
+    batch = min(BATCH, len(images))  # a folder of fewer images than BATCH: one batch of all of them per step
+    steps_per_epoch = len(images) // batch
     total = min(EPOCHS * steps_per_epoch, STEPS_MAX)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=total)
     g = torch.Generator().manual_seed(SEED)
     x_all, y_all = images.to(device), labels.to(device)
     step = 0
     while step < total:
-        for idx in torch.randperm(len(images), generator=g).split(BATCH):
-            if len(idx) < BATCH or step == total:
+        for idx in torch.randperm(len(images), generator=g).split(batch):
+            if len(idx) < batch or step == total:
                 continue
             idx = idx.to(device)
             x = to_float(x_all[idx])

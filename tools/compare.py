@@ -209,9 +209,9 @@ def plots(rows, out):
                                     ((f"{label(r)} validation", [(e["kimg"], e["val_loss"], 0) for e in r["evals"]], "o-", f"C{i}"),
                                      (f"{label(r)} training subset", [(e["kimg"], e["train_loss"], 0) for e in r["evals"]], "x--", f"C{i}"))],
            "training images (k)", "loss at fixed sigmas and noise")
-    for name in sorted({k for r in rows for c in r["curve"] for k in c if k in ("KID", "KID_inception") or
+    for name in sorted({k for r in rows for c in r["curve"] for k in c if k in ("KID", "KID_inception", "FID_inception") or
                         k.startswith("FD_") and not k.endswith("_std")}):
-        figure(f"curve_{name}_vs_kimg.png", [(label(r), [(c["kimg"], c[name], c[name + "_std"]) for c in r["curve"] if name in c])
+        figure(f"curve_{name}_vs_kimg.png", [(label(r), [(c["kimg"], c[name], c.get(name + "_std", 0)) for c in r["curve"] if name in c])
                                              for r in rows], "training images (k)", f"{name} of the quality curve (mean +- std)")
     return written
 

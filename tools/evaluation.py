@@ -9,7 +9,8 @@
   No flips, no label dropout, no dropout (eval mode); a conditional network gets the images' true labels.
 - Quality curve: train.eval_samples images from seeds 0, 1, ... (those of sample.py) with the sample section's
   sampler, scored by tools/quality.py with the dataset classifier (KID first: unbiased at small n) in 4 seed
-  blocks, and, with train.eval_inception, also by Inception where local weights exist.
+  blocks, and, with train.eval_inception, also by Inception where local weights exist: FID of all the samples
+  (FID_inception; one number, biased upwards at small n like any FID) and KID over the blocks.
 
 Both are deterministic functions of the weights whatever the number of ranks: the images are cut into chunks
 of sample.batch, chunk c is computed by rank c % world (every image sees the same batch on any rank count),
@@ -84,9 +85,9 @@ class Evaluator:
             for split, (images, labels) in ((HELDOUT, (heldout, heldout_labels)), (TRAIN, (train_images, train_labels))):
                 idx = fixed_subset(len(images), n, split)
                 self.splits[split] = (images[idx.to(images.device)].to(device), labels[idx.to(labels.device)].to(device), idx)
-        self.scorers = {}
+        self.scorer = self.inception = None
         if self.num_samples:
-            dist.on_rank0(self._build_scorer, "classifier", None, None)
+            dist.on_rank0(self._build_scorer)
             if T["eval_inception"]:
                 from tools import fid
                 weights = fid.find_inception_weights()  # local only: a training run never downloads
@@ -95,15 +96,34 @@ class Evaluator:
                         f"hub cache), so no Inception FID on it")
                 else:
                     ref = fid.auto_reference(cfg, weights, device)  # collective: computed once, spread over the ranks
-                    dist.on_rank0(self._build_scorer, "inception", weights, ref)
+                    dist.on_rank0(self._load_inception, weights, ref)
 
-    def _build_scorer(self, extractor, weights, ref):
-        """Rank 0: the scorer of tools/quality.py (the dataset classifier is trained once and cached)."""
+    def _build_scorer(self):
+        """Rank 0: the dataset-classifier scorer of tools/quality.py (the classifier is trained once and cached)."""
         from tools.quality import Scorer
         try:
-            self.scorers[extractor] = Scorer(self.cfg, extractor, self.device, weights, ref, log=lambda m: print(m, flush=True))
+            self.scorer = Scorer(self.cfg, "classifier", self.device, log=lambda m: print(m, flush=True))
         except UserError as e:
             raise UserError(f"the quality curve (train.eval_samples > 0) cannot be scored: {e}; or set train.eval_samples=0") from None
+
+    def _load_inception(self, weights, ref):
+        """Rank 0: Inception and the training split's reference statistics with the features they keep."""
+        from tools.quality import build_extractor, reference
+        model = build_extractor(self.cfg, "inception", self.device, weights)
+        self.inception = (model, *reference(self.cfg, "inception", model, self.device, weights, ref))
+
+    def _inception_scores(self, samples):
+        """FID of all the curve's samples (one number: a sqrtm of 2048 x 2048 costs seconds to a minute on a CPU),
+        and KID as mean +- std over the seed blocks."""
+        from tools import metrics
+        from tools.quality import KID_SUBSETS, _extract
+        model, mu_ref, sigma_ref, ref = self.inception
+        feats = _extract("inception", model, samples, self.device)[0]
+        n = len(feats) // QUALITY_BLOCKS
+        kid = [metrics.kid(feats[b * n:(b + 1) * n], ref, num_subsets=KID_SUBSETS, subset_size=min(n, metrics.KID_SUBSET_SIZE))[0]
+               for b in range(QUALITY_BLOCKS)]
+        return dict(FID_inception=metrics.frechet_distance(*metrics.feature_stats(feats), mu_ref, sigma_ref),
+                    KID_inception=float(np.mean(kid)), KID_inception_std=float(np.std(kid, ddof=1)))
 
     def due(self, epoch, last):
         return bool(self.every) and (epoch % self.every == 0 or last)
@@ -126,11 +146,9 @@ class Evaluator:
         if self.num_samples:
             samples, classes = self.samples(denoiser, amp)
             if self.rank == 0:
-                row = dict(kind="curve", **at, ema="classic", **self.scorers["classifier"].score(samples, QUALITY_BLOCKS, classes=classes))
-                if "inception" in self.scorers:
-                    r = self.scorers["inception"].score(samples, QUALITY_BLOCKS)
-                    row.update({k: r[k] for k in ("FD_inception", "FD_inception_std")},
-                               KID_inception=r["KID"], KID_inception_std=r["KID_std"])
+                row = dict(kind="curve", **at, ema="classic", **self.scorer.score(samples, QUALITY_BLOCKS, classes=classes))
+                if self.inception is not None:
+                    row.update(self._inception_scores(samples))
                 rows.append(row)
         net.train(was_training)
         for r in rows:

@@ -373,7 +373,7 @@ class Metrics:
                     self.writer.add_scalar(f"eval_val_loss/sigma={s:g}", v, t_img)
                     self.writer.add_scalar(f"eval_train_loss/sigma={s:g}", t, t_img)
             else:
-                for k in ("KID", "FD_classifier", "precision", "recall", "memorised_fraction", "class_accuracy", "FD_inception",
+                for k in ("KID", "FD_classifier", "precision", "recall", "memorised_fraction", "class_accuracy", "FID_inception",
                           "KID_inception"):
                     if k in row:
                         self.writer.add_scalar(f"quality_curve/{k}", row[k], t_img)
