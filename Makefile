@@ -21,7 +21,8 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
-# The main job on the bundled digits: train Config E (~3 min on 2 CPU cores), sample 1,000 images and
+# The main job on the bundled digits: train Config E (~3 min on 2 CPU cores, with a validation loss and a
+# quality curve every 5 epochs), sample 1,000 images and
 # score them offline (FD/KID/precision/recall with the dataset classifier, memorisation), then the linear probe.
 demo: $(VENV)/.installed
 	$(PY) train.py --config config/digits/E.yaml --outdir $(RUN)/E
@@ -29,16 +30,17 @@ demo: $(VENV)/.installed
 	$(PY) probe.py --outdir $(RUN)/E
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(RUN)/E/tensorboard"
 
-# C, E and G side by side on digits (~26 min on 2 CPU cores): each config trains CMP_EPOCHS epochs; the
+# C, E and G side by side on digits (26 min on 2 CPU cores when measured, plus ~15 s for each of the 9 training-time
+# evaluations): each config trains CMP_EPOCHS epochs with a validation loss and quality curve every CMP_EVERY; the
 # classic-EMA samples are scored at three checkpoints (CMP_IMAGES samples = 4 seed blocks each), then the
-# probe and a post-hoc EMA sweep at the end; tools/compare.py ranks the runs with their spreads.
+# probe and a post-hoc EMA sweep at the end; tools/compare.py ranks the runs with their spreads and plots the curves.
 CMP_EPOCHS := 30
 CMP_EVERY  := 10
 CMP_IMAGES := 1000
 compare-demo: $(VENV)/.installed
 	for c in C E G; do \
 	  $(PY) train.py --config config/digits/$$c.yaml --outdir $(CMP)/$$c train.epochs=$(CMP_EPOCHS) \
-	    train.checkpoint_epochs=$(CMP_EVERY) train.keep_checkpoints=0 train.grid_epochs=$(CMP_EVERY) && \
+	    train.checkpoint_epochs=$(CMP_EVERY) train.keep_checkpoints=0 train.grid_epochs=$(CMP_EVERY) train.eval_epochs=$(CMP_EVERY) && \
 	  for e in $$(seq $(CMP_EVERY) $(CMP_EVERY) $(CMP_EPOCHS)); do \
 	    $(PY) sample.py --outdir $(CMP)/$$c --epoch $$e --seeds 0-$$(($(CMP_IMAGES) - 1)) --score || exit 1; \
 	  done && \

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import signal
+import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -112,9 +113,11 @@ def train(cfg, rank, world, device):
                     if rank == 0 and T["grid_epochs"] and (epoch % T["grid_epochs"] == 0 or last):
                         save_grid(state.emas.classic.ema_model, cfg, outdir, epoch, t_img, metrics.writer, device)
                     if evaluator.due(epoch, last):
+                        started = time.time()
                         rows = evaluator(state.emas.classic.ema_model, state.edm.loss, t_img, epoch)
                         if rank == 0:
                             metrics.log_evaluation(rows)
+                        metrics.exclude_time(started)  # img_per_s measures training only
                     if epoch % T["checkpoint_epochs"] == 0 or last:
                         state.check_weights(epoch)
                         saved = state.save(outdir, epoch, metrics) if rank == 0 else checkpoint_path(outdir, epoch)

@@ -226,3 +226,10 @@ def test_guidance_sweep_tabulates_and_plots(cond_run, metric_cache, capsys):
     assert [r["guidance"] for r in rows] == [1, 2] and all(r["count"] == 40 and "class_accuracy_std" in r for r in rows)
     assert "| W | FD_classifier |" in out and "\n| 2 | " in out
     assert os.path.isfile(os.path.join(cond_run, f"guidance_sweep_epoch_{EPOCHS}.png"))
+
+
+def test_too_few_label_dims_for_the_classes_is_one_line(tmp_path):
+    proc = run_script("train.py", "--config", COND, "--outdir", str(tmp_path), "network.label_dim=5", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "set network.label_dim=10" in lines[0], proc.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")

@@ -64,6 +64,9 @@ class Batches:
         self.label_dim = cfg["network"]["label_dim"]
         if cfg["data"]["use_labels"] and not self.label_dim:
             raise UserError("data.use_labels needs network.label_dim > 0 (the number of classes)")
+        if cfg["data"]["use_labels"] and int(labels.max()) >= self.label_dim:
+            raise UserError(f"network.label_dim={self.label_dim} but {cfg['data']['dataset']} has {int(labels.max()) + 1} classes: "
+                            f"set network.label_dim={int(labels.max()) + 1}")
         self.epoch_img = self.steps_per_epoch * B
         self.perm, self.perm_epoch = None, -1
 
@@ -360,6 +363,10 @@ class Metrics:
             return
         append_text(self.path, json.dumps(row) + "\n")
         self.written.add(key)
+
+    def exclude_time(self, start):
+        """Leave the time since `start` (an evaluation) out of the next row's img_per_s."""
+        self.t_log += time.time() - start
 
     def log_evaluation(self, rows):
         """Rows of tools/evaluation.py (rank 0) to TensorBoard and metrics.jsonl, with a line each on the terminal."""
