@@ -135,6 +135,11 @@ def test_curves_continue_across_a_resume_without_repeats(tmp_path, metric_cache)
     best = min(rows_of(two, "curve"), key=lambda r: r["KID"])
     assert summary["best_KID"] == best["KID"] and summary["best_KID_kimg"] == best["kimg"] and summary["curve_points"] == 3
 
+    # Started afresh (checkpoints moved away, as the resume error suggests): the new run's rows are all written.
+    shutil.move(two / "checkpoints", tmp_path / "old-checkpoints")
+    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(two), *FAST, cache, "train.epochs=1", "train.eval_samples=0")
+    assert [r["epoch"] for r in rows_of(two, "eval")] == [1, 2, 3, 1]
+
 
 def test_conditional_run_evaluates_with_labels(tmp_path, metric_cache):
     """A class-conditional run: the validation loss uses the images' labels, the quality curve its class accuracy."""

@@ -294,7 +294,7 @@ class Metrics:
         self.streak = torch.zeros((), device=device)  # consecutive steps with non-finite gradients
         self.t_log, self.step_log = time.time(), step
         self.writer, self.path = None, os.path.join(outdir, "metrics.jsonl")
-        self.written = set()  # (kind, step or kimg) of the rows already in metrics.jsonl: a resumed run writes none twice
+        self.written = set()  # (kind, step or kimg) of the rows in metrics.jsonl that a resumed run must not write twice
         if rank == 0:
             # A resumed run replays (bit-exactly) what the killed one did after its checkpoint: TensorBoard hides the
             # killed run's points from there on, and metrics.jsonl keeps its rows instead of repeating them.
@@ -302,7 +302,8 @@ class Metrics:
             self.writer = SummaryWriter(os.path.join(outdir, "tensorboard"), purge_step=t_img + 1 if step else None)
             if os.path.exists(self.path) and os.path.getsize(self.path) and not _ends_with_newline(self.path):
                 append_text(self.path, "\n")  # a line cut short by a killed run stays a line of its own
-            self.written = {_row_key(r) for r in read_jsonl(self.path)} - {None}
+            if step:  # only the killed run's rows past the checkpoint are replayed; a fresh start writes all of its own
+                self.written = {_row_key(r) for r in read_jsonl(self.path) if round(r.get("kimg", 0) * 1000) > t_img} - {None}
 
     def add_losses(self, loss, sigma):
         """Per-sample losses of one micro-batch, at their noise levels."""
