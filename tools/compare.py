@@ -3,8 +3,9 @@
     python tools/compare.py runs/cifar10-C runs/cifar10-E runs/cifar10-G [--out runs/cifar10-compare]
 
 Inputs are only what runs already write, so runs trained on different machines compare alike:
-config.yaml, metrics.jsonl (training rows; quality rows from sample.py --score), checkpoints/*.probe.json
-(probe.py) and ema_sweep_epoch_*.json (tools/ema_sweep.py).
+config.yaml, metrics.jsonl (training rows; evaluation rows of train.eval_epochs, plotted as curves over the
+training images; quality rows from sample.py --score), checkpoints/*.probe.json (probe.py) and
+ema_sweep_epoch_*.json (tools/ema_sweep.py).
 
 Honest by construction: quality is taken at the newest scored epoch with each run's own EMA (nothing
 selected), every figure carries its spread and sample count, a column never mixes sample counts or
