@@ -26,6 +26,14 @@ class Stopped(Exception):
         self.signum = signum
 
 
+def parse_numbers(text, flag):
+    """'1,1.5,2' -> [1.0, 1.5, 2.0] for a comma-separated flag; UserError naming the flag otherwise."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
 def run_main(main):
     """Run main(); a UserError prints `error: <message>` on one line and exits 2, a clean stop on a signal
     exits 128 + the signal number after one line, and Ctrl-C outside training exits 130."""

@@ -25,7 +25,7 @@ import probe  # noqa: E402
 import sample  # noqa: E402
 from tools import dist  # noqa: E402
 from tools.checkpoint import atomic_write, load_epoch  # noqa: E402
-from tools.cli import UserError, run_main  # noqa: E402
+from tools.cli import UserError, parse_numbers, run_main  # noqa: E402
 from tools.checkpoint import read_jsonl  # noqa: E402
 from tools.compare import read_probe_results  # noqa: E402
 from tools.config import check_ranges  # noqa: E402
@@ -49,10 +49,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg, outdir = resolve(args.config, args.outdir, args.overrides)
-    try:
-        sigma_rels = [float(s) for s in args.sigma_rels.split(",")]
-    except ValueError:
-        raise UserError(f"--sigma-rels must be comma-separated numbers, got {args.sigma_rels!r}") from None
+    sigma_rels = parse_numbers(args.sigma_rels, "--sigma-rels")
     check_ranges("ema", {"sigma_rels": sigma_rels}, names={"sigma_rels": "--sigma-rels"})  # the range of ema.sigma_rels
     if args.num_images < 40:  # sample.py --score: 4 seed blocks of at least 10 images (tools/quality.py score_samples)
         raise UserError(f"--num-images must be >= 40 (4 seed blocks of 10 for the metrics' spread), got {args.num_images}")

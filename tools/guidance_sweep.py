@@ -25,7 +25,7 @@ sys.path[0] = ROOT  # import tools.* and the entry scripts from the repository r
 import sample  # noqa: E402
 from tools import dist  # noqa: E402
 from tools.checkpoint import atomic_write, load_epoch  # noqa: E402
-from tools.cli import UserError, run_main  # noqa: E402
+from tools.cli import UserError, parse_numbers, run_main  # noqa: E402
 from tools.checkpoint import read_jsonl  # noqa: E402
 from tools.runs import resolve  # noqa: E402
 
@@ -50,10 +50,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg, outdir = resolve(args.config, args.outdir, args.overrides)
-    try:
-        weights = [float(w) for w in args.weights.split(",")]
-    except ValueError:
-        raise UserError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
+    weights = parse_numbers(args.weights, "--weights")
     epoch = load_epoch(outdir, args.epoch, required=("epoch",))["epoch"]
     common = ["--outdir", outdir, "--epoch", str(epoch), "--seeds", f"0-{args.num_images - 1}", "--score",
               *(["--config", args.config] if args.config else []),
