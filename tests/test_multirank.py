@@ -101,3 +101,25 @@ def test_two_rank_fid_auto_reference_covers_the_whole_split(two_rank_run, tmp_pa
     # Equal up to float32 Inception arithmetic at other batch sizes; half of the split would move mu by O(10%).
     np.testing.assert_allclose(mu2, mu1, rtol=0, atol=1e-4 * np.abs(mu1).max())
     np.testing.assert_allclose(sigma2, sigma1, rtol=0, atol=1e-4 * np.abs(sigma1).max())
+
+
+def _session_worker(rank, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import time
+    from tools import dist
+    with dist.session():
+        dist.all_reduce_sum(torch.ones(3))
+        if rank == 0:  # alone after the last collective, as probe.py's classifier and train.py's summary are
+            time.sleep(1.0)
+            with open(f"{out}.done", "w") as f:
+                f.write(repr(time.time()))
+    with open(f"{out}.left{rank}", "w") as f:
+        f.write(repr(time.time()))
+
+
+def test_ranks_leave_a_session_together(tmp_path):
+    """A rank that is done does not tear the process group down while rank 0 still works alone (a gloo rank that
+    did so aborted once and torchrun then killed rank 0)."""
+    torch.multiprocessing.spawn(_session_worker, args=(29541, str(tmp_path / "t")), nprocs=2)
+    read = lambda name: float((tmp_path / name).read_text())
+    assert read("t.left1") >= read("t.done")

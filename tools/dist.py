@@ -46,10 +46,13 @@ def init():
 @contextlib.contextmanager
 def session():
     """init() for an entry point; the process group is shut down on exit only if this call started it, so
-    scripts that call each other's main() (tools/ema_sweep.py) share one group."""
+    scripts that call each other's main() (tools/ema_sweep.py) share one group. On a normal exit every rank
+    waits for the others first (leave_together); after an error it does not, since a peer may be gone."""
     owner = not dist.is_initialized()
     try:
         yield init()
+        if owner:
+            leave_together()
     finally:
         if owner:
             shutdown()
@@ -99,6 +102,18 @@ def on_rank0(fn, *args, **kwargs):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def leave_together():
+    """Wait until every rank has finished before the process group is torn down. Rank 0 often works on alone at
+    the end (a probe's classifier, a summary) while the others are done; a gloo rank that tore its group down
+    and exited meanwhile was once seen to abort (SIGABRT), which made torchrun kill rank 0 mid-write. Best
+    effort: a rank that waits past the collective timeout leaves anyway rather than fail the run."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # timed out (rank 0 still busy, or gone): nothing is left to share
+            pass
 
 
 def shutdown():

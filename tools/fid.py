@@ -440,10 +440,9 @@ def main(argv=None):
     elif args.command == "ref":
         from tools.config import load_config
         cfg = load_config(args.config, args.overrides)
-        _, _, device = dist.init()
-        compute_reference(cfg, args.out, args.inception_weights, args.random_weights, args.batch, device)
-        dist.print0(f"reference statistics: {args.out} (+ {args.out[:-4]}.json)")
-        dist.shutdown()
+        with dist.session() as (_, _, device):
+            compute_reference(cfg, args.out, args.inception_weights, args.random_weights, args.batch, device)
+            dist.print0(f"reference statistics: {args.out} (+ {args.out[:-4]}.json)")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         r = score_folder(args.folder, args.ref, args.inception_weights, args.random_weights, device, args.batch, args.kid_subsets)
