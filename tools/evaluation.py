@@ -116,9 +116,9 @@ class Evaluator:
         """FID of all the curve's samples (one number: a sqrtm of 2048 x 2048 costs seconds to a minute on a CPU),
         and KID as mean +- std over the seed blocks."""
         from tools import metrics
-        from tools.quality import KID_SUBSETS, _extract
+        from tools.quality import KID_SUBSETS, extract
         model, mu_ref, sigma_ref, ref = self.inception
-        feats = _extract("inception", model, samples, self.device)[0]
+        feats = extract("inception", model, samples, self.device)[0]
         n = len(feats) // QUALITY_BLOCKS
         kid = [metrics.kid(feats[b * n:(b + 1) * n], ref, num_subsets=KID_SUBSETS, subset_size=min(n, metrics.KID_SUBSET_SIZE))[0]
                for b in range(QUALITY_BLOCKS)]

@@ -29,8 +29,9 @@ def default_extractor(cfg):
     return "inception" if cfg["data"]["dataset"] in ("cifar10", "cifar100", "tinyimagenet") else "classifier"
 
 
-def _extract(extractor, model, images, device):
-    """(features float64 [N, F], class probabilities [N, K] or None)."""
+def extract(extractor, model, images, device):
+    """(features float64 [N, F], class probabilities [N, K] or None) of uint8 images under `extractor`
+    ("classifier" or "inception") with the `model` build_extractor() returned."""
     if extractor == "classifier":
         from tools.classifier import outputs
         return outputs(model, images, device=device)
@@ -44,7 +45,7 @@ def reference(cfg, extractor, model, device, inception_weights=None, inception_r
     computed once into DATA_CACHE/fid-refs/ as sample.py --fid auto does)."""
     if extractor == "classifier":
         images, _ = load_dataset(cfg, "train")
-        feats = _extract(extractor, model, images, device)[0]
+        feats = extract(extractor, model, images, device)[0]
         return (*metrics.feature_stats(feats), feats)
     from tools import fid
     path = inception_ref or fid.auto_reference(cfg, inception_weights, device)
@@ -93,11 +94,11 @@ class Scorer:
         if n < 10:
             raise UserError(f"scoring needs at least {10 * blocks} samples ({blocks} blocks of 10), got {len(samples)}")
         samples = samples[:n * blocks]
-        feats, probs = _extract(self.extractor, self.model, samples, self.device)
+        feats, probs = extract(self.extractor, self.model, samples, self.device)
         if classes is not None:
             if self.classifier is None:
                 self.classifier = build_extractor(self.cfg, "classifier", self.device)
-                class_probs = _extract("classifier", self.classifier, samples, self.device)[1]
+                class_probs = extract("classifier", self.classifier, samples, self.device)[1]
             else:
                 class_probs = probs
             requested = np.asarray(classes[:n * blocks], dtype=np.int64)
