@@ -109,11 +109,10 @@ def leave_together():
     the end (a probe's classifier, a summary) while the others are done; a gloo rank that tore its group down
     and exited meanwhile was once seen to abort (SIGABRT), which made torchrun kill rank 0 mid-write. Best
     effort: a rank that waits past the collective timeout leaves anyway rather than fail the run."""
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-        except RuntimeError:  # timed out (rank 0 still busy, or gone): nothing is left to share
-            pass
+    try:
+        barrier()
+    except RuntimeError:  # timed out (rank 0 still busy, or gone): nothing is left to share
+        pass
 
 
 def shutdown():
