@@ -45,10 +45,10 @@ compare-demo: $(VENV)/.installed
 	    $(PY) sample.py --outdir $(CMP)/$$c --epoch $$e --seeds 0-$$(($(CMP_IMAGES) - 1)) --score || exit 1; \
 	  done && \
 	  $(PY) probe.py --outdir $(CMP)/$$c && \
-	  $(PY) tools/ema_sweep.py --outdir $(CMP)/$$c --sigma-rels 0.05,0.10,0.15 --num-images $(CMP_IMAGES) \
+	  $(PY) -m tools.ema_sweep --outdir $(CMP)/$$c --sigma-rels 0.05,0.10,0.15 --num-images $(CMP_IMAGES) \
 	  || exit 1; \
 	done
-	$(PY) tools/compare.py $(CMP)/C $(CMP)/E $(CMP)/G --out $(CMP)/compare
+	$(PY) -m tools.compare $(CMP)/C $(CMP)/E $(CMP)/G --out $(CMP)/compare
 
 # Class-conditional digits Config E (~16 min in all on 2 CPU cores; labels dropped 10% of the time), then 1,000 samples
 # of the balanced class mix per guidance weight, unguided (W = 1), with classifier-free guidance and with
@@ -58,8 +58,8 @@ compare-demo: $(VENV)/.installed
 GUIDE_WEIGHTS := 1,1.5,2,3
 guidance-demo: $(VENV)/.installed
 	$(PY) train.py --config config/digits/E-cond.yaml --outdir $(GUIDE)/E-cond train.keep_checkpoints=0
-	$(PY) tools/guidance_sweep.py --outdir $(GUIDE)/E-cond --weights $(GUIDE_WEIGHTS)
-	$(PY) tools/guidance_sweep.py --outdir $(GUIDE)/E-cond --weights $(GUIDE_WEIGHTS) --guide $(GUIDE)/E-cond:5
+	$(PY) -m tools.guidance_sweep --outdir $(GUIDE)/E-cond --weights $(GUIDE_WEIGHTS)
+	$(PY) -m tools.guidance_sweep --outdir $(GUIDE)/E-cond --weights $(GUIDE_WEIGHTS) --guide $(GUIDE)/E-cond:5
 
 clean-demo:
 	rm -rf $(RUN) $(CMP) $(GUIDE)

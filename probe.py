@@ -18,21 +18,16 @@ See docs/PROBE.md.
 """
 
 import argparse
-import os
-import re
-import time
-
-import torch
 
 from tools import dist
-from tools.checkpoint import checkpoint_path
 from tools.cli import UserError, run_main
-from tools.config import check_ranges
-from tools.data import load_dataset
-from tools.linear_probe import CLASSIFIERS, pixels_baseline, probe_cell, read_json, result_key, save_heatmap, tensorboard_scalar, write_json
+from tools.linear_probe import CLASSIFIERS
 from tools.log import to_run_log
-from tools.probe_features import Checkpoint, check_block, default_block, ensure_features, list_blocks, load_features, sigma_of_t
-from tools.runs import parse_ema, resolve
+from tools.probe_features import sigma_of_t
+from tools.probing import block_table, probe, resolve_probe
+from tools.runs import resolve
+
+PROBE_FLAGS = ("block", "ema", "classifier", "xflip", "batch", "sigma")  # flags that replace probe.* keys
 
 
 def parse_args(argv=None):
@@ -62,83 +57,18 @@ def main(argv=None):
     if args.epoch is not None and args.epoch < 0:
         raise UserError(f"--epoch must be >= 0, got {args.epoch}")
     cfg, outdir = resolve(args.config, args.outdir, args.overrides)
-    p = cfg["probe"]
-    flags = [k for k in ("block", "ema", "classifier", "xflip", "batch", "sigma") if getattr(args, k) is not None]
-    for key in flags:
-        p[key] = getattr(args, key)
+    flags = [k for k in PROBE_FLAGS if getattr(args, k) is not None]
+    cfg["probe"].update({k: getattr(args, k) for k in flags})
     if args.t is not None:
-        p["sigma"] = sigma_of_t(cfg, args.t)
-    if p["classifier"] not in CLASSIFIERS:
-        raise UserError(f"probe.classifier must be one of {', '.join(CLASSIFIERS)}, got {p['classifier']!r}")
-    check_ranges("probe", p, names={k: f"--{k}" for k in flags})  # the flags replace probe.* keys: the same ranges
-    kind, sigma_rel = parse_ema(p["ema"])
-    p["ema"] = f"sigma_rel={sigma_rel:g}" if kind == "posthoc" else kind
-
-    blocks = list_blocks(cfg)
+        cfg["probe"]["sigma"] = sigma_of_t(cfg, args.t)
+    blocks = resolve_probe(cfg, names={k: f"--{k}" for k in flags})  # the flags replace probe.* keys: the same ranges
     if args.list_blocks:
-        chosen = p["block"] or default_block(blocks)
-        print(f"{'block':<20} {'channels':>8}  resolution")
-        for name, channels, res in blocks:
-            print(f"{name:<20} {channels:>8}  {res}x{res}{'   <- probe.block' if name == chosen else ''}")
+        print("\n".join(block_table(cfg, blocks)))
         return
-    p["block"] = check_block(p["block"], blocks) if p["block"] else default_block(blocks)
-
     with dist.session() as (rank, world, device):
         if rank == 0:
             to_run_log(outdir)
-        run(cfg, outdir, p, args, [b[0] for b in blocks], rank, device)
-
-
-def run(cfg, outdir, p, args, all_blocks, rank, device):
-    ckpt = Checkpoint(outdir, args.epoch)
-    blocks = all_blocks if args.grid else [p["block"]]
-    sigmas = sorted(set(p["grid_sigmas"])) if args.grid else [p["sigma"]]
-    streams = [("train", False), ("test", False)] + ([("train", True)] if p["xflip"] else [])
-    images, labels = {}, {}
-    for split in ("train", "test"):
-        images[split], labels[split] = load_dataset(cfg, split)
-    num_images = {split: len(y) for split, y in labels.items()}
-    num_classes = int(max(y.max() for y in labels.values())) + 1
-
-    start = time.time()
-    t_img = ensure_features(cfg, ckpt, p["ema"], blocks, sigmas, streams, p["batch"], device, images)
-    if rank != 0:
-        return
-    classifier_device = device if p["classifier"] == "torch" else torch.device("cpu")
-    table = []
-    for block in blocks:
-        for sigma in sigmas:
-            feats = load_features(ckpt, p["ema"], block, sigma, streams, images)
-            table.append(dict(block=block, sigma=sigma, **probe_cell(feats, labels, p, num_classes, classifier_device)))
-    # The reported cell: the only one, or the grid's best on the held-out split (never on test).
-    best = max(table, key=lambda c: c["holdout_accuracy_pct"] if c["holdout_accuracy_pct"] is not None else -1)
-    elapsed = time.time() - start
-
-    result = dict(block=best["block"], sigma=best["sigma"], ema=p["ema"], epoch=ckpt.epoch, t_img=t_img, kimg=t_img / 1000,
-                  classifier=p["classifier"], xflip=p["xflip"], holdout=p["holdout"], C_grid=p["C_grid"],
-                  **{k: v for k, v in best.items() if k not in ("block", "sigma")},
-                  num_train=num_images["train"], num_test=num_images["test"], selected_by="grid" if args.grid else "config")
-    where = f"{best['block']} at sigma={best['sigma']:.4g}, {p['ema']} weights, epoch {ckpt.epoch}"
-    print(f"test accuracy: {best['test_accuracy_pct']:.2f}% ({where}; C={best['C']:g}"
-          + (f", best of {len(table)} cells on the held-out split)" if args.grid else ")"), flush=True)
-
-    pixels = pixels_baseline(outdir, p, images, labels, num_classes, classifier_device)
-    result["pixels_test_accuracy_pct"] = pixels["test_accuracy_pct"]
-    print(f"raw pixels: {pixels['test_accuracy_pct']:.2f}% (the same classifier on the {pixels['feature_dim']} pixel values)")
-
-    json_path = checkpoint_path(outdir, ckpt.epoch)[:-len(".pt")] + ".probe.json"
-    results = read_json(json_path)
-    results[result_key(best["block"], best["sigma"], p["ema"], p)] = result
-    write_json(json_path, results)
-    tensorboard_scalar(outdir, f"probe/{best['block']}@sigma={best['sigma']:.4g}/{p['ema']}", best["test_accuracy_pct"], t_img)
-    print(f"written: {json_path}; TensorBoard: {os.path.join(outdir, 'tensorboard')} ({elapsed:.1f} s for features + classifier)")
-
-    if args.grid:
-        base = checkpoint_path(outdir, ckpt.epoch)[:-len(".pt")] + f".probe_grid_{re.sub(r'[^A-Za-z0-9_.=-]', '_', p['ema'])}"
-        write_json(base + ".json", dict(ema=p["ema"], epoch=ckpt.epoch, t_img=t_img, classifier=p["classifier"],
-                                        xflip=p["xflip"], blocks=blocks, sigmas=sigmas, best=result, cells=table))
-        save_heatmap(base + ".png", table, blocks, sigmas, best)
-        print(f"grid: {base}.json, {base}.png")
+        probe(cfg, outdir, device, epoch=args.epoch, grid=args.grid)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import run_script
+from tools import inception
 from tools.checkpoint import load_epoch, read_jsonl
 from tools.config import build_edm
 from tools.data import load_dataset, to_float
@@ -79,7 +80,7 @@ def digits_folder(root, n, classes=False):
             folder = root / split / (str(int(labels[i])) if classes else "")
             os.makedirs(folder, exist_ok=True)
             Image.fromarray(images[i, 0].numpy()).save(folder / f"{i}.png")
-    return [f"data.dataset=folder", f"data.root={root}"]
+    return ["data.dataset=folder", f"data.root={root}"]
 
 
 def test_memorising_a_tiny_training_set_widens_the_gap(tmp_path):
@@ -156,9 +157,9 @@ def test_inception_joins_the_curve_where_local_weights_exist(tmp_path):
     """train.eval_inception with FID_INCEPTION_WEIGHTS set (a fixed random Inception here; nothing is downloaded):
     the curve also carries Inception FD and KID, against the training split's statistics computed once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tools import fid
+
     weights = tmp_path / "random-inception.pth"
-    torch.save(fid.random_inception_state_dict(), weights)
+    torch.save(inception.random_inception_state_dict(), weights)
     data = digits_folder(tmp_path / "data", 40, classes=True)
     run = tmp_path / "run"
     proc = run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(run), *data, *FAST, f"data.cache={tmp_path / 'cache'}",

@@ -6,46 +6,23 @@ The real Inception weights are not available here, so the pipeline runs with the
 and 256, and the 2048-d pipeline tests check which statistics reach frechet_distance instead.
 """
 
+
 import json
 import os
 import re
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, run_script
-from tools import fid
+from conftest import ROOT, digit_images, pytorch_fid_distance, random_stats, run_script
+from tools import fid, inception, metrics
 from tools.cli import UserError
 
 
-def random_stats(d, rng, n=None):
-    """mu and a random SPD covariance (full rank when n > d)."""
-    a = rng.standard_normal((d, n or 2 * d))
-    return rng.standard_normal(d), a @ a.T / a.shape[1]
-
-
-def pytorch_fid_distance(*stats):
-    from pytorch_fid.fid_score import calculate_frechet_distance
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy's deprecation of sqrtm(disp=...)
-        return calculate_frechet_distance(*stats)
-
-
-@pytest.mark.parametrize("d", [64, 256])
-def test_frechet_distance_matches_pytorch_fid(d):
-    rng = np.random.default_rng(d)
-    (mu1, sigma1), (mu2, sigma2) = random_stats(d, rng), random_stats(d, rng)
-    mu2 = 0.1 * mu2  # the trace term, not the mean term, dominates
-    ours = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
-    assert ours == pytest.approx(pytorch_fid_distance(mu1, sigma1, mu2, sigma2), rel=1e-6)
-    assert ours > 0
-
-
 def test_cli_help_lists_the_commands(capsys):
-    proc = run_script("tools/fid.py", "--help")
+    proc = run_script("-m", "tools.fid", "--help")
     assert "{ref,score,compare}" in proc.stdout
     listed = re.findall(r"^ {4}(\w+) ", proc.stdout.split("\ncommands:\n")[1], re.M)
     assert listed == ["ref", "score", "compare"], proc.stdout
@@ -64,10 +41,10 @@ def test_cli_fid_of_two_statistics_files(tmp_path):
     (mu1, sigma1), (mu2, sigma2) = random_stats(64, rng), random_stats(64, rng)
     np.savez(tmp_path / "a.npz", mu=mu1, sigma=sigma1)
     np.savez(tmp_path / "b.npz", mu=mu2, sigma=sigma2)
-    proc = run_script("tools/fid.py", "compare", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
+    proc = run_script("-m", "tools.fid", "compare", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
     printed = float(proc.stdout.strip().splitlines()[-1])
     assert printed == pytest.approx(pytorch_fid_distance(mu1, sigma1, mu2, sigma2), rel=1e-6)
-    bare = run_script("tools/fid.py", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))  # the form docs/METRICS.md shows
+    bare = run_script("-m", "tools.fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))  # the form docs/METRICS.md shows
     assert bare.stdout == proc.stdout
 
 
@@ -75,7 +52,7 @@ def test_cli_bad_statistics_end_in_one_line(tmp_path):
     rng = np.random.default_rng(2)
     np.savez(tmp_path / "a.npz", mu=np.zeros(64), sigma=np.eye(64))
     np.savez(tmp_path / "b.npz", mu=np.zeros(32), sigma=np.eye(32))
-    proc = run_script("tools/fid.py", "compare", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), check=False)
+    proc = run_script("-m", "tools.fid", "compare", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: statistics do not match"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -85,42 +62,6 @@ def test_cli_bad_statistics_end_in_one_line(tmp_path):
         with pytest.raises(UserError) as e:
             fid.load_stats(str(tmp_path / bad))
         assert "\n" not in str(e.value)
-
-
-def test_fid_of_a_set_with_itself_is_zero():
-    """|FID| < 1e-9 tr(S) for a full-rank covariance, < 1e-6 tr(S) for a singular one (n < d, as with few images)."""
-    rng = np.random.default_rng(3)
-    mu, sigma = random_stats(128, rng)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
-    mu, sigma = fid.FeatureStats(dim=128).update(rng.standard_normal((40, 128))).mu_sigma()
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
-
-
-def cubic_kernel(x, y):
-    return (x @ y.T / x.shape[1] + 1) ** 3
-
-
-def test_kid_is_unbiased():
-    """Subsets drawn without replacement from finite sets A, B: the mean of the unbiased estimate is the U-statistic of
-    the full sets, computed exactly here; the plain V-statistic is off by more than 10 standard errors."""
-    rng = np.random.default_rng(4)
-    a, b = rng.standard_normal((60, 8)), rng.standard_normal((50, 8)) + 0.3
-    k_aa, k_bb, k_ab = cubic_kernel(a, a), cubic_kernel(b, b), cubic_kernel(a, b)
-    off = lambda k: (k.sum() - np.trace(k)) / (len(k) * (len(k) - 1))
-    exact = off(k_aa) + off(k_bb) - 2 * k_ab.mean()
-
-    m, num_subsets = 10, 4000
-    mean, std = fid.kid(a, b, num_subsets=num_subsets, subset_size=m, seed=0)
-    stderr = std / np.sqrt(num_subsets)
-    assert abs(mean - exact) < 4 * stderr, (mean, exact, stderr)
-    v_statistic_bias = (np.diag(k_aa).mean() - off(k_aa) + np.diag(k_bb).mean() - off(k_bb)) / m
-    assert v_statistic_bias > 10 * stderr
-
-    assert fid.kid(a, b, num_subsets=num_subsets, subset_size=m, seed=0) == (mean, std)
-    full_mean, full_std = fid.kid(a, b, num_subsets=3, subset_size=10 ** 6)  # clipped to 50: every subset of b is b
-    assert full_mean != pytest.approx(exact, rel=1e-3)  # ... but only 50 of a's 60
-    assert fid.kid(a[:50], b, num_subsets=3, subset_size=10 ** 6)[0] == pytest.approx(
-        off(k_aa[:50, :50]) + off(k_bb) - 2 * k_ab[:50].mean(), rel=1e-10)
 
 
 def test_feature_stats_streaming_matches_numpy():
@@ -160,31 +101,24 @@ def test_feature_stats_all_reduce_over_two_ranks(tmp_path):
         np.testing.assert_array_equal(r["features"], x[:6])  # 3 kept on each rank, rank 1 holds the odd items
 
 
-def digit_images(n):
-    """n 16 x 16 gray uint8 digits from scikit-learn, without loading a config."""
-    from sklearn.datasets import load_digits
-    images = torch.from_numpy(np.round(load_digits().images[:n] * (255 / 16)).astype(np.uint8))[:, None]
-    return torch.nn.functional.interpolate(images.float(), size=16, mode="nearest").to(torch.uint8)
-
-
 @pytest.fixture(scope="module")
 def random_inception():
-    return fid.build_inception(random_weights=True)
+    return inception.build_inception(random_weights=True)
 
 
 def test_reference_and_scoring_pipeline(tmp_path, monkeypatch, random_inception):
-    import tools.data
     from pytorch_fid.fid_score import compute_statistics_of_path
+
     from tools.config import load_config
 
     images = digit_images(10)
     ref_images, gen_images = images[:6], images[6:]
-    monkeypatch.setattr(tools.data, "load_dataset", lambda cfg, split: (ref_images, torch.zeros(len(ref_images), dtype=torch.int64)))
+    monkeypatch.setattr(fid, "load_dataset", lambda cfg, split: (ref_images, torch.zeros(len(ref_images), dtype=torch.int64)))
     cfg = load_config(os.path.join(ROOT, "config/digits/E.yaml"))
     out = str(tmp_path / "refs" / "digits-train.npz")
     fid.compute_reference(cfg, out, random_weights=True, batch=4)
 
-    feats = fid.features_of_images(random_inception, images, batch=5)
+    feats = inception.features_of_images(random_inception, images, batch=5)
     ref_feats, gen_feats = feats[:6], feats[6:]
     assert feats.shape == (10, 2048) and feats.dtype == np.float64
     assert ref_feats.std(0).max() > 1e-3  # the random network tells the digits apart
@@ -208,7 +142,6 @@ def test_reference_and_scoring_pipeline(tmp_path, monkeypatch, random_inception)
         path = tmp_path / "samples" / "000000" / f"{i:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[0].numpy()).save(path)
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "samples" / "grid.png")  # sample.py's preview, not a sample
     seen = {}
 
     def frechet_distance(*stats):
@@ -222,126 +155,6 @@ def test_reference_and_scoring_pipeline(tmp_path, monkeypatch, random_inception)
     np.testing.assert_array_equal(mu2, mu_ref)
     np.testing.assert_array_equal(sigma2, sigma_ref)
     assert result["fid"] == 1.5 and result["count"] == 4 and result["extractor"] == "inception-v3-RANDOM"
-    assert result["kid_mean"] == pytest.approx(fid.kid(gen_feats, stored, 10)[0], rel=1e-4, abs=1e-9)
+    assert result["kid_mean"] == pytest.approx(metrics.kid(gen_feats, stored, 10)[0], rel=1e-4, abs=1e-9)
 
 
-def no_download(*args, **kwargs):
-    pytest.fail("tried to download")
-
-
-def test_weights_come_from_a_local_file(tmp_path, monkeypatch, capsys):
-    """A state dict saved to disk is what the network holds after build_inception(path), with no download."""
-    monkeypatch.delenv("FID_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)  # what torch.hub calls on a cache miss
-    state = {k: v + torch.randn_like(v) if v.is_floating_point() else v for k, v in fid.random_inception_state_dict().items()}
-    path = str(tmp_path / fid.WEIGHTS_FILE)
-    torch.save(state, path)
-
-    model = fid.build_inception(path)
-    torch.testing.assert_close(model.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"], rtol=0, atol=0)
-    torch.testing.assert_close(model.blocks[3][2].branch_pool.bn.running_var, state["Mixed_7c.branch_pool.bn.running_var"], rtol=0, atol=0)
-    assert model.extractor.startswith("inception-v3-unverified-")  # not the published file's sha256
-    assert "not the published" in capsys.readouterr().err
-
-    monkeypatch.setenv("FID_INCEPTION_WEIGHTS", path)
-    assert fid.find_inception_weights() == path
-    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    (tmp_path / "ref.json").write_text(json.dumps({"extractor": "inception-v3-RANDOM"}))
-    with pytest.raises(UserError, match="recompute the reference"):
-        fid.score_images(digit_images(2), str(tmp_path / "ref.npz"))
-
-    (tmp_path / "bad.pth").write_bytes(b"\x00" * 64)
-    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
-    for bad in ("bad.pth", "wrong.pth"):
-        with pytest.raises(UserError) as e:
-            fid.build_inception(str(tmp_path / bad))
-        assert fid.WEIGHTS_URL in str(e.value) and "\n" not in str(e.value)
-
-
-def test_weights_under_another_name_load_offline_and_leave_the_hub_dir(tmp_path, monkeypatch, capsys):
-    """pytorch-fid's constructor reads the file through a temporary torch hub cache: a file under any name loads, nothing
-    is downloaded, and torch.hub.get_dir() (still steered by $TORCH_HOME) and the global RNG are as before. A file that is
-    already the real cache's is loaded from there."""
-    monkeypatch.delenv("FID_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    state = fid.random_inception_state_dict(seed=1)
-    path = tmp_path / "some-name.pth"
-    torch.save(state, path)
-    hub_dir, rng = torch.hub.get_dir(), torch.random.get_rng_state()
-
-    model = fid.build_inception(str(path))
-    assert torch.hub.get_dir() == hub_dir and torch.equal(torch.random.get_rng_state(), rng)
-    assert not os.path.exists(hub_dir)  # nothing written to the real cache
-    torch.testing.assert_close(model.blocks[3][1].branch3x3dbl_3a.conv.weight, state["Mixed_7b.branch3x3dbl_3a.conv.weight"],
-                               rtol=0, atol=0)
-    assert model.extractor.startswith("inception-v3-unverified-") and "not the published" in capsys.readouterr().err
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))
-    assert torch.hub.get_dir() == str(tmp_path / "elsewhere" / "hub")  # not pinned by build_inception's set_dir
-
-    cached = tmp_path / "elsewhere" / "hub" / "checkpoints" / fid.WEIGHTS_FILE
-    cached.parent.mkdir(parents=True)
-    os.link(path, cached)
-    model = fid.build_inception()
-    torch.testing.assert_close(model.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"], rtol=0, atol=0)
-    assert os.listdir(cached.parent) == [fid.WEIGHTS_FILE]
-
-
-def test_no_tool_imports_unittest():
-    """Product code uses pytorch-fid through the torch hub cache, not by patching it."""
-    import ast
-    import glob
-    offenders = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "tools", "**", "*.py"), recursive=True)):
-        with open(path) as f:
-            for node in ast.walk(ast.parse(f.read(), path)):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                        [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-                offenders += [f"{os.path.relpath(path, ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "unittest"]
-    assert not offenders, offenders
-
-
-def test_missing_weights_say_how_to_supply_them(tmp_path, monkeypatch):
-    monkeypatch.delenv("FID_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    assert fid.find_inception_weights() is None
-    with pytest.raises(UserError) as e:
-        fid.build_inception()
-    message = str(e.value)
-    assert "--inception-weights" in message and "FID_INCEPTION_WEIGHTS" in message and fid.WEIGHTS_URL in message
-    assert "\n" not in message
-
-    monkeypatch.setenv("FID_INCEPTION_WEIGHTS", str(tmp_path / "nowhere.pth"))
-    with pytest.raises(UserError, match="FID_INCEPTION_WEIGHTS=.*nowhere.pth: no such file"):
-        fid.build_inception()
-
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / fid.WEIGHTS_FILE
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"")
-    monkeypatch.delenv("FID_INCEPTION_WEIGHTS")
-    assert fid.find_inception_weights() == str(cached)
-
-    proc = run_script("tools/fid.py", "ref", "--config", "config/digits/E.yaml", "--out", str(tmp_path / "ref.npz"),
-                      env={"TORCH_HOME": str(tmp_path / "empty"), "FID_INCEPTION_WEIGHTS": ""}, check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: scoring needs") and len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_missing_weights_are_downloaded_when_online_and_explained_when_offline(tmp_path, monkeypatch, capsys):
-    """As pytorch-fid does, a missing weights file is fetched into the torch hub cache (here from a file:// URL
-    standing in for the release URL, its sha256 prefix checked); offline, one line says how to provide it."""
-    import hashlib
-    monkeypatch.delenv("FID_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    release = tmp_path / "release.pth"
-    release.write_bytes(b"weights")
-    monkeypatch.setattr(fid, "WEIGHTS_URL", release.as_uri())
-    monkeypatch.setattr(fid, "WEIGHTS_SHA256_PREFIX", hashlib.sha256(b"weights").hexdigest()[:8])
-    path = fid.inception_weights_or_none()
-    assert path == str(tmp_path / "torch" / "hub" / "checkpoints" / fid.WEIGHTS_FILE)
-    assert open(path, "rb").read() == b"weights" and fid.find_inception_weights() == path
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "offline"))
-    monkeypatch.setattr(fid, "WEIGHTS_URL", (tmp_path / "unreachable.pth").as_uri())
-    assert fid.inception_weights_or_none() is None
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and "--inception-weights" in lines[0] and "FID_INCEPTION_WEIGHTS" in lines[0]

@@ -1,14 +1,14 @@
 """Sample-quality metrics against independent computations: closed forms, brute-force loops, numpy."""
 
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from PIL import Image
 
+from conftest import pytorch_fid_distance, random_images, random_stats
 from tools import fid, metrics
 from tools.cli import UserError
-
 
 # ---------------------------------------------------------------------------------------------
 # FID and KID.
@@ -40,7 +40,6 @@ def test_feature_stats_match_streaming_stats_and_give_zero_self_fid():
     np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
     np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
     assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
-    assert fid.frechet_distance is metrics.frechet_distance and fid.kid is metrics.kid  # old callers keep working
 
 
 def brute_force_mmd2(x, y):
@@ -133,9 +132,6 @@ def test_class_coverage():
 # ---------------------------------------------------------------------------------------------
 # Memorisation.
 
-def random_images(n, rng, shape=(3, 6, 5)):
-    return rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-
 
 def test_nearest_distances_match_brute_force():
     rng = np.random.default_rng(9)
@@ -162,18 +158,47 @@ def test_memorisation_flags_copies_and_calibrates_on_heldout_images():
     assert 0.03 <= metrics.memorisation(fresh_dists, heldout_dists)["memorised_fraction"] <= 0.07  # same distribution
 
 
-def test_save_nearest_pairs_grid(tmp_path):
-    rng = np.random.default_rng(11)
-    samples, train = random_images(6, rng, (3, 5, 4)), random_images(9, rng, (3, 5, 4))
-    index, dists = np.array([8, 0, 3, 1, 2, 5]), np.array([9.0, 7.0, 1.0, 8.0, 3.0, 2.0])
-    path = metrics.save_nearest_pairs(str(tmp_path / "pairs.png"), torch.from_numpy(samples), train, index, dists, num=4)
-    grid = np.asarray(Image.open(path))
-    assert grid.shape == (4 * (5 + 2) + 2, 2 * (4 + 2) + 2, 3)
-    first, second = grid[2:7, 2:6], grid[2:7, 8:12]  # row 0: the closest sample (2) and its training image (3)
-    np.testing.assert_array_equal(first, samples[2].transpose(1, 2, 0))
-    np.testing.assert_array_equal(second, train[3].transpose(1, 2, 0))
-    np.testing.assert_array_equal(grid[9:14, 2:6], samples[5].transpose(1, 2, 0))  # row 1: the next closest
-    assert (grid[:2] == 128).all() and (grid[7:9] == 128).all() and (grid[:, 6:8] == 128).all()
+@pytest.mark.parametrize("d", [64, 256])
+def test_frechet_distance_matches_pytorch_fid(d):
+    rng = np.random.default_rng(d)
+    (mu1, sigma1), (mu2, sigma2) = random_stats(d, rng), random_stats(d, rng)
+    mu2 = 0.1 * mu2  # the trace term, not the mean term, dominates
+    ours = metrics.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert ours == pytest.approx(pytorch_fid_distance(mu1, sigma1, mu2, sigma2), rel=1e-6)
+    assert ours > 0
 
-    gray = metrics.save_nearest_pairs(str(tmp_path / "gray.png"), samples[:, :1], train[:, :1], index, dists)
-    assert np.asarray(Image.open(gray)).shape == (6 * 7 + 2, 14)  # num clipped to the 6 samples
+
+def test_fid_of_a_set_with_itself_is_zero():
+    """|FID| < 1e-9 tr(S) for a full-rank covariance, < 1e-6 tr(S) for a singular one (n < d, as with few images)."""
+    rng = np.random.default_rng(3)
+    mu, sigma = random_stats(128, rng)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+    mu, sigma = fid.FeatureStats(dim=128).update(rng.standard_normal((40, 128))).mu_sigma()
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+
+
+def cubic_kernel(x, y):
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def test_kid_is_unbiased():
+    """Subsets drawn without replacement from finite sets A, B: the mean of the unbiased estimate is the U-statistic of
+    the full sets, computed exactly here; the plain V-statistic is off by more than 10 standard errors."""
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((60, 8)), rng.standard_normal((50, 8)) + 0.3
+    k_aa, k_bb, k_ab = cubic_kernel(a, a), cubic_kernel(b, b), cubic_kernel(a, b)
+    off = lambda k: (k.sum() - np.trace(k)) / (len(k) * (len(k) - 1))
+    exact = off(k_aa) + off(k_bb) - 2 * k_ab.mean()
+
+    m, num_subsets = 10, 4000
+    mean, std = metrics.kid(a, b, num_subsets=num_subsets, subset_size=m, seed=0)
+    stderr = std / np.sqrt(num_subsets)
+    assert abs(mean - exact) < 4 * stderr, (mean, exact, stderr)
+    v_statistic_bias = (np.diag(k_aa).mean() - off(k_aa) + np.diag(k_bb).mean() - off(k_bb)) / m
+    assert v_statistic_bias > 10 * stderr
+
+    assert metrics.kid(a, b, num_subsets=num_subsets, subset_size=m, seed=0) == (mean, std)
+    full_mean, full_std = metrics.kid(a, b, num_subsets=3, subset_size=10 ** 6)  # clipped to 50: every subset of b is b
+    assert full_mean != pytest.approx(exact, rel=1e-3)  # ... but only 50 of a's 60
+    assert metrics.kid(a[:50], b, num_subsets=3, subset_size=10 ** 6)[0] == pytest.approx(
+        off(k_aa[:50, :50]) + off(k_bb) - 2 * k_ab[:50].mean(), rel=1e-10)

@@ -4,42 +4,13 @@ import json
 import os
 
 import numpy as np
-import pytest
 import torch
+from PIL import Image
 
-from conftest import run_script
-from tools import classifier, quality
-from tools.config import load_config
+from conftest import random_images, run_script
+from tools import quality
+from tools.grid import PAD, enlarge, pairs_grid
 from tools.data import load_dataset
-
-
-@pytest.fixture(scope="module")
-def digits_cfg(metric_cache):
-    return load_config("config/digits/E.yaml", [f"data.cache={metric_cache}"])
-
-
-def test_classifier_trains_once_reaches_97_percent_and_is_cached(digits_cfg):
-    logs = []
-    model = classifier.load_or_train(digits_cfg, log=logs.append)
-    path = os.path.join(digits_cfg["data"]["cache"], "metric-classifiers", f"{model.tag}.pt")
-    assert os.path.isfile(path)  # trained by the first test to use the shared cache, this one or another
-    assert model.test_accuracy >= 0.97, model.test_accuracy
-    test_images, test_labels = load_dataset(digits_cfg, "test")
-    assert classifier.accuracy(model, test_images, test_labels) == model.test_accuracy  # the figure is reproducible
-    logs.clear()
-    again = classifier.load_or_train(digits_cfg, log=logs.append)
-    assert logs == [] and again.tag == model.tag  # loaded from the cache, not retrained
-    x = test_images[:50]
-    assert np.array_equal(classifier.outputs(again, x)[0], classifier.outputs(model, x)[0])
-
-
-def test_classifier_cache_key_follows_the_data(digits_cfg):
-    """Other data (here: another resolution of digits) gets another classifier file."""
-    tag = classifier.load_or_train(digits_cfg, log=lambda *_: None).tag
-    cfg8 = load_config("config/digits/E.yaml", [f"data.cache={digits_cfg['data']['cache']}", "network.img_resolution=8",
-                                                 "network.channel_mult=[1,2]", "network.attn_resolutions=[4]"])
-    images, labels = load_dataset(cfg8, "train")
-    assert classifier._fingerprint(images, labels) not in tag
 
 
 def test_held_out_real_images_score_as_real(digits_cfg):
@@ -77,3 +48,20 @@ def test_sample_score_prints_a_quality_line_offline(trained_digits_run, metric_c
     assert result["kind"] == "quality" and result["count"] == 200 and result["epoch"] == 4
     rows = [json.loads(l) for l in open(os.path.join(trained_digits_run, "metrics.jsonl")) if '"quality"' in l]
     assert rows[-1]["FD_classifier"] == result["FD_classifier"]
+
+
+def test_nearest_pairs_show_the_closest_samples_first_beside_their_training_image(tmp_path):
+    rng = np.random.default_rng(11)
+    samples, train = random_images(6, rng, (3, 16, 16)), random_images(9, rng, (3, 16, 16))
+    index, dists = np.array([8, 0, 3, 1, 2, 5]), np.array([9.0, 7.0, 1.0, 8.0, 3.0, 2.0])
+    path = quality.save_nearest_pairs(str(tmp_path / "pairs.png"), torch.from_numpy(samples), train, index, dists, num=4)
+    picture = torch.from_numpy(np.asarray(Image.open(path)).copy()).permute(2, 0, 1)
+    closest = [2, 5, 4, 1]  # by distance
+    expected = pairs_grid(torch.from_numpy(samples[closest]), torch.from_numpy(train[index[closest]]))
+    assert torch.equal(picture, expected)
+    top, left = 3 * PAD, 3 * PAD  # the first pair: sample 2 (4x) beside training image 3
+    np.testing.assert_array_equal(picture[:, top:top + 64, left:left + 64].numpy(), enlarge(torch.from_numpy(samples[2:3]))[0].numpy())
+    np.testing.assert_array_equal(picture[:, top:top + 64, left + 64 + PAD:left + 128 + PAD].numpy(),
+                                  enlarge(torch.from_numpy(train[3:4]))[0].numpy())
+    gray = quality.save_nearest_pairs(str(tmp_path / "gray.png"), samples[:, :1], train[:, :1], index, dists)
+    assert np.asarray(Image.open(gray)).shape[:2] == pairs_grid(torch.from_numpy(samples[:, :1]), torch.from_numpy(train[:6, :1])).shape[1:]

@@ -1,16 +1,13 @@
 """sample.py and the samplers: rank independence, resume, accuracy on a Gaussian with a known denoiser."""
 
-import filecmp
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script
-from sample import image_path, parse_seeds
+from conftest import DIGITS, assert_one_line_exit_2, run_script
+from tools.cli import UserError
 from tools.sampler import SeedNoise, edm_sigmas, sample
 
 
@@ -74,55 +71,51 @@ def test_image_k_is_independent_of_batch():
     torch.testing.assert_close(b, torch.cat([a[4:], a[:4]]), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_png_holds_exactly_the_sample(tmp_path, channels):
-    """The PNG written for an image decodes to the same uint8 pixels (gray and RGB, from a permuted view)."""
-    from PIL import Image
-    from sample import save_png
-    from tools.data import to_uint8
-    x = torch.rand(2, channels, 16, 12) * 2 - 1
-    arrays = to_uint8(x).permute(0, 2, 3, 1).numpy()  # the non-contiguous view sample.py writes
-    save_png(arrays[1], str(tmp_path / "a.png"))
-    back = np.asarray(Image.open(tmp_path / "a.png"))
-    assert np.array_equal(back.reshape(16, 12, channels), arrays[1])
-
-
-def test_parse_seeds():
-    assert parse_seeds("0-3,7,10-11") == [0, 1, 2, 3, 7, 10, 11]
-
-
-def pngs(folder, seeds):
-    return [image_path(str(folder), s) for s in seeds]
-
-
-def test_world_size_two_gives_identical_files(trained_digits_run, tmp_path):
-    run_script("sample.py", "--config", "config/digits/E.yaml", "--outdir", trained_digits_run, "--seeds", "0-7",
-               "--steps", "6", "--batch", "8", "--out", str(tmp_path / "one"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "sample.py",
-           "--config", "config/digits/E.yaml", "--outdir", trained_digits_run, "--seeds", "0-7", "--steps", "6",
-           "--batch", "3", "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for a, b in zip(pngs(tmp_path / "one", range(8)), pngs(tmp_path / "two", range(8))):
-        assert filecmp.cmp(a, b, shallow=False), (a, b)
-    assert os.path.exists(f"{tmp_path / 'two'}.grid.png") and os.listdir(tmp_path / "two") == ["000000"]  # the grid beside, not inside
-
-
-def test_interrupted_run_continues_to_the_same_files(trained_digits_run, tmp_path):
-    args = ["sample.py", "--config", "config/digits/E.yaml", "--outdir", trained_digits_run, "--seeds", "0-7", "--steps", "6", "--batch", "4"]
-    run_script(*args, "--out", str(tmp_path / "full"))
-    run_script(*args, "--out", str(tmp_path / "part"))
-    for p in pngs(tmp_path / "part", [1, 5, 6]):  # an interruption: some images missing, one write half done
-        os.remove(p)
-    open(image_path(str(tmp_path / "part"), 6) + ".tmp4242", "wb").write(b"\x89PNG partial")
-    kept = os.path.getmtime(image_path(str(tmp_path / "part"), 0))
-    proc = run_script(*args, "--out", str(tmp_path / "part"))
-    assert "3 to go" in proc.stdout
-    assert os.path.getmtime(image_path(str(tmp_path / "part"), 0)) == kept  # existing images are not redone
-    for a, b in zip(pngs(tmp_path / "full", range(8)), pngs(tmp_path / "part", range(8))):
-        assert filecmp.cmp(a, b, shallow=False)
-
-
 def test_missing_checkpoint_is_one_line(tmp_path):
     proc = run_script("sample.py", "--config", "config/digits/E.yaml", "--outdir", str(tmp_path), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no usable checkpoint") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps must be >= 2, got 0"),
+    (["--steps", "-2"], "--steps must be >= 2, got -2"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--S_churn", "-1"], "--S_churn must be >= 0, got -1.0"),
+    (["--S_noise", "nan"], "--S_noise must be >= 0, got nan"),
+    (["--S_max", "-1"], "--S_max must be >= sample.S_min (0.0), got -1.0"),
+    (["--S_min", "2", "--S_max", "1"], "--S_max must be >= --S_min (2.0), got 1.0"),
+    (["--seeds", "5-2"], "--seeds must look like"),
+    (["--score-blocks", "1"], "--score-blocks must be >= 2"),
+    (["--epoch", "-1"], "--epoch must be >= 0, got -1"),
+    (["--score", "--seeds", "0-38"], "--score needs at least 40 seeds (4 blocks of 10), got 39"),
+    (["sample.steps=1"], "sample.steps must be >= 2, got 1"),
+])
+def test_sample_flags_meet_the_config_ranges(tmp_path, flags, message):
+    import sample
+    with pytest.raises(UserError) as e:
+        sample.main(["--config", DIGITS, "--outdir", str(tmp_path), *flags])
+    assert str(e.value).startswith(message), str(e.value)
+    assert os.listdir(tmp_path) == []  # nothing started
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--seeds", "5-2"], "--seeds must look like 0-49999 or 0,5,10-19"),
+    (["--steps", "0"], "--steps must be >= 2, got 0"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+])
+def test_sample_rejects_bad_flags_before_sampling(tmp_path, flags, needle):
+    proc = run_script("sample.py", "--config", DIGITS, "--outdir", str(tmp_path), *flags, check=False)
+    assert_one_line_exit_2(proc, needle)
+    assert "sampling" not in proc.stdout and os.listdir(tmp_path) == []
+
+
+def test_sample_checks_the_inception_weights_load_before_sampling(tmp_path):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(os.urandom(4096))
+    outdir = tmp_path / "run"
+    outdir.mkdir()
+    proc = run_script("sample.py", "--config", DIGITS, "--outdir", str(outdir), "--seeds", "0-9", "--fid", "auto",
+                      "--inception-weights", str(weights), check=False)
+    # Without the check it would fail later, on the missing checkpoint (or, with one, after sampling).
+    assert_one_line_exit_2(proc, f"{weights}: cannot read the Inception weights")
+    assert "sampling" not in proc.stdout and os.listdir(outdir) == []

@@ -9,7 +9,6 @@ unverified.
 """
 
 import errno
-import glob
 import hashlib
 import json
 import os
@@ -165,6 +164,11 @@ def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f), manifest=True)
 
 
+def write_json(path, obj):
+    """`obj` as indented JSON at `path`, written atomically (a full disk ends in one line, the old file intact)."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
 def append_text(path, text):
     """Append `text` (e.g. one JSON line of metrics.jsonl) to `path`, fsynced. A failed append leaves the
     file as it was (cut back to its old length, so no half line is left for the next one to join) and
@@ -212,7 +216,8 @@ def remove(path):
     _remove_quietly(manifest_path(path))
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
+    """Whether a process of this pid exists on this host (a pid that cannot exist here counts as alive: not ours to judge)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -237,7 +242,7 @@ def remove_stale_temp(folder):
         for name in filenames:
             m = TEMP_NAME.fullmatch(name)
             path = os.path.join(dirpath, name)
-            if m is None or m["host"] != host or _pid_alive(int(m["pid"])) or os.path.islink(path):
+            if m is None or m["host"] != host or pid_alive(int(m["pid"])) or os.path.islink(path):
                 continue
             try:
                 os.remove(path)
@@ -285,18 +290,43 @@ def load(path):
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); {advice}") from None
 
 
+def files_named(folder, prefix="", suffix=""):
+    """Sorted paths of the files in `folder` whose names start with `prefix` and end with `suffix` ([] if there is no
+    folder). A plain listing, not a glob: run directories whose names hold glob characters ([, *, ?) work alike."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(os.path.join(folder, n) for n in names
+                  if n.startswith(prefix) and n.endswith(suffix) and len(n) >= len(prefix) + len(suffix))
+
+
+def numbered_files(folder, prefix, suffix):
+    """[(N, path)] of the files `<prefix><N><suffix>` in `folder` (N a non-negative integer), sorted by N."""
+    found = []
+    for path in files_named(folder, prefix, suffix):
+        number = os.path.basename(path)[len(prefix):len(os.path.basename(path)) - len(suffix)]
+        if number.isascii() and number.isdigit():
+            found.append((int(number), path))
+    return sorted(found)
+
+
 def checkpoint_path(outdir, epoch):
     return os.path.join(outdir, "checkpoints", f"epoch_{epoch}.pt")
 
 
+def resume_path(outdir, t_img):
+    return os.path.join(outdir, "checkpoints", f"resume_{t_img:012d}.pt")
+
+
 def list_checkpoints(outdir):
-    """[(epoch, path)] sorted by epoch."""
-    found = []
-    for p in glob.glob(os.path.join(outdir, "checkpoints", "epoch_*.pt")):
-        m = re.fullmatch(r"epoch_(\d+)\.pt", os.path.basename(p))
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    """[(epoch, path)] of the per-epoch checkpoints, oldest first."""
+    return numbered_files(os.path.join(outdir, "checkpoints"), "epoch_", ".pt")
+
+
+def list_resume_checkpoints(outdir):
+    """[(t_img, path)] of the mid-epoch checkpoints, oldest first."""
+    return numbered_files(os.path.join(outdir, "checkpoints"), "resume_", ".pt")
 
 
 def load_newest(outdir, required=("net",)):

@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the entry scripts: user errors end in one line and exit code 2.
+"""Command-line plumbing shared by the entry scripts: user errors end in one line and exit code 2; flag parsers.
 
 Under torchrun every rank runs the same script on the same files and meets the same mistake; the line
 is printed by rank 0 alone (torchrun's own failure report follows it). Code that knows an error is its
@@ -32,6 +32,18 @@ def parse_numbers(text, flag):
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+def parse_seeds(text):
+    """'0-49999' or '0,3,10-19' -> sorted unique list of non-negative ints; a range holds both ends, low <= high."""
+    seeds = set()
+    for part in text.split(","):
+        lo, dash, hi = (s.strip() for s in part.partition("-"))
+        if not (lo.isascii() and lo.isdigit() and (not dash or hi.isascii() and hi.isdigit() and int(lo) <= int(hi))):
+            raise UserError(f"--seeds must look like 0-49999 or 0,5,10-19 (non-negative integers, ranges low-high "
+                            f"with low <= high), got {text!r}")
+        seeds.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(seeds)
 
 
 def run_main(main):

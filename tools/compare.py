@@ -1,6 +1,6 @@
 """Side-by-side comparison of runs (e.g. the C, E and G runs of one dataset): a table and plots.
 
-    python tools/compare.py runs/cifar10-C runs/cifar10-E runs/cifar10-G [--out runs/cifar10-compare]
+    python -m tools.compare runs/cifar10-C runs/cifar10-E runs/cifar10-G [--out runs/cifar10-compare]
 
 Inputs are only what runs already write, so runs trained on different machines compare alike:
 config.yaml, metrics.jsonl (training rows; evaluation rows of train.eval_epochs, plotted as curves over the
@@ -13,30 +13,24 @@ extractors, runs within each other's spread share a rank, and the probe result i
 held-out training data (its test accuracy is reported, never maximised).
 """
 
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run this from the repository root as: python -m tools.compare ...")
+
 import argparse
-import glob
 import json
 import math
 import os
 import statistics
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import yaml
 
-import yaml  # noqa: E402
-
-from tools.checkpoint import read_jsonl  # noqa: E402
-from tools.cli import UserError, run_main  # noqa: E402
-from tools.evaluation import summary  # noqa: E402
-
-
-def read_probe_results(outdir):
-    rows = []
-    for path in glob.glob(os.path.join(outdir, "checkpoints", "epoch_*.probe.json")):
-        with open(path) as f:
-            rows += list(json.load(f).values())
-    return rows
+from tools.checkpoint import atomic_write, numbered_files, read_jsonl
+from tools.cli import UserError, run_main
+from tools.config import parameter_count
+from tools.evaluation import summarize_curves
+from tools.linear_probe import read_probe_results
+from tools.plots import pyplot, save_figure
+from tools.quality import fd_key
 
 
 def probe_row(probes):
@@ -49,22 +43,19 @@ def probe_row(probes):
     return dict(best, std=100 * math.sqrt(p * (1 - p) / best["num_test"]), of=len(probes))
 
 
-def summarize(outdir):
+def read_run(outdir):
     """One table row: what the run is, how fast it trained, and its quality and probe figures."""
     cfg_path = os.path.join(outdir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise UserError(f"{outdir} is not a run directory (no config.yaml)")
     with open(cfg_path) as f:
         cfg = yaml.safe_load(f)
-    from tools.config import build_network
-    import torch
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_network(cfg).parameters())
+    params = parameter_count(cfg)
     metrics = read_jsonl(os.path.join(outdir, "metrics.jsonl"))
     train_rows = [r for r in metrics if "img_per_s" in r]
     quality = [r for r in metrics if r.get("kind") == "quality"]
     sweeps = []
-    for path in glob.glob(os.path.join(outdir, "ema_sweep_epoch_*.json")):
+    for _, path in numbered_files(outdir, "ema_sweep_epoch_", ".json"):
         with open(path) as f:
             sweeps += json.load(f)
     row = dict(run=os.path.basename(os.path.normpath(outdir)), outdir=outdir, config=cfg["unet"][4:-3],
@@ -73,7 +64,7 @@ def summarize(outdir):
                kimg=max((r["kimg"] for r in train_rows), default=0.0), quality=quality, sweeps=sweeps,
                fids=[r for r in metrics if "fid" in r], probes=read_probe_results(outdir),
                evals=[r for r in metrics if r.get("kind") == "eval"], curve=[r for r in metrics if r.get("kind") == "curve"],
-               eval_summary=summary(metrics))
+               eval_summary=summarize_curves(metrics))
     # Quality at the newest scored epoch with the config's own EMA, unguided (a conditional run: its balanced
     # class mix, sample.py's default): nothing is selected. Guided rows are tools/guidance_sweep.py's business.
     own = [q for q in quality if q["ema"] == row["ema"] and q.get("guidance", 1) == 1 and q.get("classes", "mix") == "mix"]
@@ -85,10 +76,6 @@ def summarize(outdir):
         best = min(scored, key=lambda s: s["fd"])
         row["best_sigma_rel"] = f"{best['sigma_rel']:g} (best of {len(scored)} by {best['fd_name']})"
     return row
-
-
-def fd_key(q):
-    return next(k for k in q if k.startswith("FD_") and not k.endswith("_std"))
 
 
 def rank(values):
@@ -168,9 +155,7 @@ def curves_table(rows):
 
 
 def plots(rows, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     written = []
 
     def figure(name, series, xlabel, ylabel):
@@ -187,10 +172,7 @@ def plots(rows, out):
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = os.path.join(out, name)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, os.path.join(out, name)))
 
     label = lambda r: f"{r['run']} ({r['config']})"
     own = lambda r: [q for q in r["quality"] if q["ema"] == r["ema"] and q.get("guidance", 1) == 1 and q.get("classes", "mix") == "mix"]
@@ -202,7 +184,7 @@ def plots(rows, out):
                                                         if s.get("fd_name") == name]) for r in rows],
                "sigma_rel", f"{name} (post-hoc EMA)")
     figure("probe_vs_kimg.png", [(label(r), [(p["kimg"], p["test_accuracy_pct"], 0) for p in r["probes"] if p.get("ema") == r["ema"]])
-                                 for r in rows], "training images (k)", f"probe test accuracy %")
+                                 for r in rows], "training images (k)", "probe test accuracy %")
     figure("probe_vs_sigma_rel.png", [(label(r), [(s["sigma_rel"], s["probe_acc"], 0) for s in r["sweeps"] if "probe_acc" in s])
                                       for r in rows], "sigma_rel", "probe test accuracy % (post-hoc EMA)")
     # The curves of train.eval_epochs: validation loss (solid) beside the training-subset loss (dashed); the quality curve.
@@ -217,20 +199,26 @@ def plots(rows, out):
     return written
 
 
+def compare(run_dirs, out=None):
+    """The table (out/compare.md, returned as text) and plots of several runs; out defaults to <parent of the first>/compare."""
+    rows = [read_run(r) for r in run_dirs]
+    out = out or os.path.join(os.path.dirname(os.path.normpath(run_dirs[0])) or ".", "compare")
+    os.makedirs(out, exist_ok=True)
+    text = table(rows)
+    atomic_write(os.path.join(out, "compare.md"), lambda f: f.write(text.encode()))
+    written = plots(rows, out)
+    return text, [os.path.join(out, "compare.md"), *written]
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", help="folder for compare.md and the plots (default: next to the first run, <parent>/compare)")
     args = p.parse_args()
-    rows = [summarize(r) for r in args.runs]
-    out = args.out or os.path.join(os.path.dirname(os.path.normpath(args.runs[0])) or ".", "compare")
-    os.makedirs(out, exist_ok=True)
-    text = table(rows)
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write(text)
-    written = plots(rows, out)
+    text, written = compare(args.runs, args.out)
     print(text, end="")
-    print(f"written: {os.path.join(out, 'compare.md')}" + "".join(f", {w}" for w in written))
+    print(f"written: {', '.join(written)}")
 
 
 if __name__ == "__main__":

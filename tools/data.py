@@ -8,18 +8,19 @@ DATA_CACHE/decoded/; `data.root` is only ever read.
 import collections
 import concurrent.futures
 import fcntl
-import glob
 import hashlib
 import json
 import os
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 import tools.dist
-from tools.checkpoint import atomic_write
+from tools.checkpoint import atomic_write, files_named
 from tools.cli import UserError
 
+DATASETS = ("digits", "cifar10", "cifar100", "tinyimagenet", "folder")  # data.dataset
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # Matched in any case (.JPG).
 DECODE_VERSION = 1  # Part of the decoded-image cache key: bump it when _decode changes its output.
 
@@ -50,7 +51,7 @@ def _resize_uint8(images, resolution):
 
 def _digits(split, resolution):
     """scikit-learn's bundled handwritten digits (1,797 8x8 images, values 0..16), a fixed 1,497 / 300 split."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn costs seconds to import, and only digits runs need it
     d = load_digits()
     images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]
     labels = torch.from_numpy(d.target.astype(np.int64))
@@ -60,7 +61,7 @@ def _digits(split, resolution):
 
 
 def _cifar(name, root, split):
-    import torchvision
+    import torchvision  # lazy: torchvision costs seconds of start-up (it imports torch._dynamo), and only CIFAR needs it
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     try:
@@ -76,7 +77,6 @@ def _cifar(name, root, split):
 def _decode(paths, resolution, channels):
     """uint8 [N, C, H, W] of image files: converted to grey (1 channel) or RGB (3), centre-cropped to a square and
     resized. Threads decode in parallel (PIL releases the GIL); a file PIL cannot read raises UserError naming it."""
-    from PIL import Image, UnidentifiedImageError
     out = np.empty((len(paths), resolution, resolution, channels), dtype=np.uint8)
 
     def decode_one(i):
@@ -149,7 +149,7 @@ def _tinyimagenet(cfg, split):
     if split == "train":
         paths, labels = [], []
         for k, w in enumerate(wnids):
-            files = sorted(glob.glob(os.path.join(base, "train", w, "images", "*.JPEG")))
+            files = files_named(os.path.join(base, "train", w, "images"), suffix=".JPEG")
             paths += files
             labels += [k] * len(files)
     else:

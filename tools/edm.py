@@ -86,5 +86,5 @@ class EDM(torch.nn.Module):
         return self.denoiser.net
 
     def forward(self, images, sigma, noise, class_labels=None, dropout_keys=None):
-        """Per-sample loss [N]; dropout_keys (int64 [N], tools.training.step_draws) fix the dropout masks."""
+        """Per-sample loss [N]; dropout_keys (int64 [N], tools.schedule.step_draws) fix the dropout masks."""
         return self.loss(self.denoiser, images, sigma, noise, class_labels, dropout_keys)

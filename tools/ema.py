@@ -16,6 +16,8 @@ from ema_pytorch import EMA
 from tools.checkpoint import atomic_save
 from tools.posthoc import power_ema_beta, sigma_rel_to_gamma
 
+SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # ema.snapshot_dtype: the precision snapshots are stored in
+
 
 def classic_ema_beta(t_img, batch_img, halflife_img, rampup_ratio):
     """Per-step decay with half-life min(halflife_img, rampup_ratio * t_img); t_img = images seen after the step."""

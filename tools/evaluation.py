@@ -16,33 +16,37 @@ Both are deterministic functions of the weights whatever the number of ranks: th
 of sample.batch, chunk c is computed by rank c % world (every image sees the same batch on any rank count),
 the per-image results are gathered, and means are exact sums (math.fsum) in image order.
 
-    python tools/evaluation.py --outdir RUN [--epoch N] [--samples 1000]   # one checkpoint, after the fact
+    python -m tools.evaluation --outdir RUN [--epoch N] [--samples 1000]   # one checkpoint, after the fact
 """
+
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run this from the repository root as: python -m tools.evaluation ...")
 
 import argparse
 import json
 import math
-import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from tools import dist  # noqa: E402
-from tools.cli import UserError, run_main  # noqa: E402
-from tools.data import load_dataset, to_float, to_uint8  # noqa: E402
-from tools.edm import Denoiser  # noqa: E402
-from tools.sampler import one_hot, sample, seed_classes, SeedNoise  # noqa: E402
-from tools.training import seed_for  # noqa: E402
+from tools import dist, fid, metrics
+from tools.checkpoint import load_epoch
+from tools.cli import UserError, run_main
+from tools.config import build_edm
+from tools.data import load_dataset, to_float, to_uint8
+from tools.edm import Denoiser
+from tools.generate import sample_seeds
+from tools.inception import WEIGHTS_FILE, find_inception_weights
+from tools.precision import autocast
+from tools.quality import KID_SUBSETS, Scorer, build_extractor, extract, fd_key, reference
+from tools.runs import resolve
+from tools.sampler import one_hot, seed_classes
+from tools.schedule import seed_for
 
 EVAL_SEED = 0xE7A1          # fixes the subsets and the noise images; independent of train.seed, so runs share them
 HELDOUT, TRAIN = 0, 1       # split codes in the noise seeds
 QUALITY_BLOCKS = 4          # seed blocks of the quality curve (mean +- std, as sample.py --score); see config.MIN_CURVE_SAMPLES
-SAMPLER_KEYS = ("sampler", "steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")
 
 
 def fixed_subset(num_images, n, split):
@@ -89,10 +93,9 @@ class Evaluator:
         if self.num_samples:
             dist.on_rank0(self._build_scorer)
             if T["eval_inception"]:
-                from tools import fid
-                weights = fid.find_inception_weights()  # local only: a training run never downloads
+                weights = find_inception_weights()  # local only: a training run never downloads
                 if weights is None:
-                    log(f"quality curve: no local Inception weights (FID_INCEPTION_WEIGHTS or {fid.WEIGHTS_FILE} in the torch "
+                    log(f"quality curve: no local Inception weights (FID_INCEPTION_WEIGHTS or {WEIGHTS_FILE} in the torch "
                         f"hub cache), so no Inception FID on it")
                 else:
                     ref = fid.auto_reference(cfg, weights, device)  # collective: computed once, spread over the ranks
@@ -100,7 +103,6 @@ class Evaluator:
 
     def _build_scorer(self):
         """Rank 0: the dataset-classifier scorer of tools/quality.py (the classifier is trained once and cached)."""
-        from tools.quality import Scorer
         try:
             self.scorer = Scorer(self.cfg, "classifier", self.device, log=lambda m: print(m, flush=True))
         except UserError as e:
@@ -108,15 +110,12 @@ class Evaluator:
 
     def _load_inception(self, weights, ref):
         """Rank 0: Inception and the training split's reference statistics with the features they keep."""
-        from tools.quality import build_extractor, reference
         model = build_extractor(self.cfg, "inception", self.device, weights)
         self.inception = (model, *reference(self.cfg, "inception", model, self.device, weights, ref))
 
     def _inception_scores(self, samples):
         """FID of all the curve's samples (one number: a sqrtm of 2048 x 2048 costs seconds to a minute on a CPU),
         and KID as mean +- std over the seed blocks."""
-        from tools import metrics
-        from tools.quality import KID_SUBSETS, extract
         model, mu_ref, sigma_ref, ref = self.inception
         feats = extract("inception", model, samples, self.device)[0]
         n = len(feats) // QUALITY_BLOCKS
@@ -132,8 +131,7 @@ class Evaluator:
     def __call__(self, net, loss_fn, t_img, epoch):
         """Rows for metrics.jsonl ('eval': validation loss, 'curve': quality) of EMA network `net` with the loss
         head `loss_fn` (EDMLoss); every rank computes its share, rank 0 gets the rows (the others: [])."""
-        from tools.trainer import autocast
-        amp = lambda: autocast(self.device, self.cfg["train"]["precision"])  # as in training
+        amp = lambda: autocast(self.device, self.cfg["train"]["precision"])  # the training loss, as in training
         was_training = net.training
         denoiser = Denoiser(net.eval(), self.cfg["diffusion"]["sigma_data"])
         rows, start = [], time.time()
@@ -144,7 +142,7 @@ class Evaluator:
                              gap=float(np.mean(val) - np.mean(train)), sigmas=self.sigmas, val_loss_by_sigma=val,
                              train_loss_by_sigma=train, images=len(self.splits[HELDOUT][2]), ema="classic"))
         if self.num_samples:
-            samples, classes = self.samples(denoiser, amp)
+            samples, classes = self.samples(denoiser)
             if self.rank == 0:
                 row = dict(kind="curve", **at, ema="classic", **self.scorer.score(samples, QUALITY_BLOCKS, classes=classes))
                 if self.inception is not None:
@@ -171,18 +169,15 @@ class Evaluator:
         dist.all_reduce_sum(per_image)  # each entry is computed by one rank, zero elsewhere: the sum is exact
         return [math.fsum(row) / n for row in per_image.double().tolist()]
 
-    def samples(self, denoiser, amp):
+    def samples(self, denoiser):
         """(uint8 samples [eval_samples, C, H, W] of seeds 0, 1, ..., their classes or None), on every rank."""
         n, net_cfg = self.num_samples, self.cfg["network"]
         shape = (net_cfg["img_channels"], net_cfg["img_resolution"], net_cfg["img_resolution"])
         K = net_cfg["label_dim"]
         out = torch.zeros(n, *shape, dtype=torch.int32, device=self.device)
-        S = {k: self.cfg["sample"][k] for k in SAMPLER_KEYS}
         for s in my_chunks(n, self.chunk, self.rank, self.world):
             seeds = list(range(s.start, s.stop))
-            with amp():
-                x = sample(denoiser, SeedNoise(seeds, self.device), shape, one_hot(seed_classes(seeds, K), K, self.device), **S)
-            out[s] = to_uint8(x).to(torch.int32)
+            out[s] = to_uint8(sample_seeds(denoiser, self.cfg, seeds, self.device, seed_classes(seeds, K))).to(torch.int32)
         dist.all_reduce_sum(out)
         return out.to(torch.uint8).cpu(), seed_classes(range(n), K)
 
@@ -192,12 +187,12 @@ def describe(row):
     if row["kind"] == "eval":
         return (f"validation loss {row['val_loss']:.4f}, training subset {row['train_loss']:.4f}, gap {row['gap']:+.4f} "
                 f"({row['images']} images each)")
-    fd = next(k for k in row if k.startswith("FD_") and not k.endswith("_std"))
+    fd = fd_key(row)
     return (f"KID {row['KID']:.5f} +- {row['KID_std']:.5f}, {fd} {row[fd]:.3f} +- {row[fd + '_std']:.3f} "
             f"({row['count']} samples)")
 
 
-def summary(rows):
+def summarize_curves(rows):
     """The run's evaluation at a glance, from its metrics.jsonl rows: best KID of the quality curve and where it
     was reached, the lowest validation loss and where, and the final train/validation gap. None without rows."""
     evals = [r for r in rows if r.get("kind") == "eval"]
@@ -229,26 +224,29 @@ def summary_lines(s):
     return lines
 
 
+def evaluate_checkpoint(cfg, outdir, device, epoch=None):
+    """Rows ('eval', and 'curve' with train.eval_samples > 0) of one checkpoint's classic EMA, as during training."""
+    ckpt = load_epoch(outdir, epoch, required=("emas", "loss_head", "t_img", "epoch"))
+    edm = build_edm(cfg).to(device)
+    edm.net.load_state_dict(ckpt["emas"]["classic"])
+    edm.loss.load_state_dict(ckpt["loss_head"])
+    images, labels = load_dataset(cfg, "train")
+    evaluator = Evaluator(cfg, images, labels, dist.rank(), dist.world_size(), device)
+    return evaluator(edm.net, edm.loss, ckpt["t_img"], ckpt["epoch"])
+
+
 def main(argv=None):
     """The validation loss (and with --samples, a quality-curve point) of one checkpoint, printed as JSON lines."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.evaluation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--outdir", required=True, help="the run directory (its config.yaml is read)")
     p.add_argument("--epoch", type=int, help="checkpoint epoch (default: the newest)")
     p.add_argument("--samples", type=int, default=0, help="also a quality-curve point from this many samples (default 0: none)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.eval_sigmas=[0.1,1.0]")
     args = p.parse_args(argv)
-    from tools.checkpoint import load_epoch
-    from tools.config import build_edm
-    from tools.runs import resolve
     cfg, outdir = resolve(None, args.outdir, [*args.overrides, "train.eval_epochs=1", f"train.eval_samples={args.samples}"])
     with dist.session() as (rank, world, device):
-        ckpt = load_epoch(outdir, args.epoch, required=("emas", "loss_head", "t_img", "epoch"))
-        edm = build_edm(cfg).to(device)
-        edm.net.load_state_dict(ckpt["emas"]["classic"])
-        edm.loss.load_state_dict(ckpt["loss_head"])
-        images, labels = load_dataset(cfg, "train")
-        evaluator = Evaluator(cfg, images, labels, rank, world, device)
-        for row in evaluator(edm.net, edm.loss, ckpt["t_img"], ckpt["epoch"]):
+        for row in evaluate_checkpoint(cfg, outdir, device, args.epoch):
             print(json.dumps(row), flush=True)
 
 

@@ -1,8 +1,8 @@
 """Guidance sweep: sample and score a run at several guidance weights W, then tabulate and plot quality vs W.
 
-    python tools/guidance_sweep.py --outdir runs/digits-E-cond --weights 1,1.5,2,3              # classifier-free
-    python tools/guidance_sweep.py --outdir runs/digits-E-cond --weights 1,1.5,2,3 --guide runs/digits-E-cond:5
-    torchrun --nproc_per_node=8 tools/guidance_sweep.py --outdir runs/cifar10-E-cond --num-images 10000
+    python -m tools.guidance_sweep --outdir runs/digits-E-cond --weights 1,1.5,2,3              # classifier-free
+    python -m tools.guidance_sweep --outdir runs/digits-E-cond --weights 1,1.5,2,3 --guide runs/digits-E-cond:5
+    torchrun --nproc_per_node=8 -m tools.guidance_sweep --outdir runs/cifar10-E-cond --num-images 10000
 
 Each W is sampled and scored as `sample.py --guidance W --score` does (FD, KID, precision, recall and, for a
 conditional run, the dataset classifier's accuracy against the requested classes, each as mean +- std over seed
@@ -13,27 +13,27 @@ run's metrics.jsonl as usual; this script gathers them into OUTDIR/guidance_swee
 every sweep of that epoch found there (CFG and each guide, one line each) into OUTDIR/guidance_sweep_epoch_<N>.png.
 """
 
+if __name__ == "__main__" and not __package__:
+    raise SystemExit("run this from the repository root as: python -m tools.guidance_sweep ...")
+
 import argparse
-import glob
 import json
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[0] = ROOT  # import tools.* and the entry scripts from the repository root
-
-import sample  # noqa: E402
-from tools import dist  # noqa: E402
-from tools.checkpoint import atomic_write, load_epoch  # noqa: E402
-from tools.cli import UserError, parse_numbers, run_main  # noqa: E402
-from tools.checkpoint import read_jsonl  # noqa: E402
-from tools.runs import resolve  # noqa: E402
+from tools import dist
+from tools.checkpoint import files_named, load_epoch, read_jsonl, write_json
+from tools.cli import UserError, parse_numbers, run_main
+from tools.generate import Scoring, generate, score, split_run_spec
+from tools.log import to_run_log
+from tools.plots import pyplot, save_figure
+from tools.quality import fd_key
+from tools.runs import resolve
 
 METRICS = ("KID", "precision", "recall", "class_accuracy")  # besides the FD, each with its spread over seed blocks
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.guidance_sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--outdir", help="the run directory; its config.yaml is the config unless --config is given")
     p.add_argument("--config", help="a YAML config instead of the run's own")
     p.add_argument("--epoch", type=int, help="checkpoint to sample (default: the newest)")
@@ -47,22 +47,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg, outdir = resolve(args.config, args.outdir, args.overrides)
-    weights = parse_numbers(args.weights, "--weights")
-    epoch = load_epoch(outdir, args.epoch, required=("epoch",))["epoch"]
-    common = ["--outdir", outdir, "--epoch", str(epoch), "--seeds", f"0-{args.num_images - 1}", "--score",
-              *(["--config", args.config] if args.config else []),
-              *(["--metric-features", args.metric_features] if args.metric_features else []),
-              *(["--inception-weights", args.inception_weights] if args.inception_weights else [])]
-    guide = ["--guide", args.guide, *(["--guide-ema", args.guide_ema] if args.guide_ema else [])] if args.guide else []
-    with dist.session():
-        for w in weights:
-            dist.print0(f"--- guidance {w:g}" + (f" (guide {args.guide})" if args.guide and w != 1 else ""))
-            sample.main([*common, "--guidance", f"{w:g}", *guide, *args.overrides])
-        if dist.rank() == 0:
-            summarise(outdir, epoch, cfg["sample"]["ema"], weights, args.guide)
+def guidance_sweep(cfg, outdir, device, weights, num_images=1000, epoch=None, guide=None, guide_ema=None, features=None,
+                   inception_weights=None):
+    """Sample and score the run at each guidance weight, the same seeds at every W (collective under torchrun); rank 0
+    then writes OUTDIR/guidance_sweep_epoch_<N>-<guide>.json and the plot of every sweep of that epoch, and returns
+    the rows."""
+    epoch = load_epoch(outdir, epoch, required=("epoch",))["epoch"]
+    seeds = list(range(num_images))
+    scoring = Scoring(quality=True, features=features, inception_weights=inception_weights)
+    scoring.check(cfg, seeds)
+    for w in weights:
+        dist.print0(f"--- guidance {w:g}" + (f" (guide {guide})" if guide and w != 1 else ""))
+        out, run = generate(cfg, outdir, seeds, device, epoch=epoch, guidance=w, guide=guide, guide_ema=guide_ema)
+        score(cfg, outdir, out, seeds, run, device, scoring)
+    return dist.on_rank0(write_sweep, outdir, epoch, cfg["sample"]["ema"], weights, guide)
 
 
 def guide_name(rows):
@@ -74,12 +72,12 @@ def guide_name(rows):
     return f"auto-{os.path.basename(os.path.normpath(g['guide']))}-epoch_{g['guide_epoch']}"
 
 
-def summarise(outdir, epoch, ema, weights, guide):
+def write_sweep(outdir, epoch, ema, weights, guide):
     """The newest quality row of each W (the one just written) -> OUTDIR/guidance_sweep_epoch_<N>-<guide>.json, a table
     on stdout, and the plot of every sweep of this epoch."""
     quality = [r for r in read_jsonl(os.path.join(outdir, "metrics.jsonl"))
                if r.get("kind") == "quality" and r.get("epoch") == epoch and r.get("ema") == ema and r.get("classes", "mix") == "mix"]
-    guide_dir = None if guide is None else guide.rpartition(":")[0] if guide.rpartition(":")[2].isdigit() else guide
+    guide_dir = None if guide is None else split_run_spec(guide)[0]
     rows = []
     for w in weights:
         # W = 1 is unguided whatever the guide; otherwise the row of this guide (none for classifier-free guidance).
@@ -87,7 +85,7 @@ def summarise(outdir, epoch, ema, weights, guide):
         if not match:
             continue
         q = match[-1]
-        fd = next(k for k in q if k.startswith("FD_") and not k.endswith("_std"))
+        fd = fd_key(q)
         row = dict(guidance=w, epoch=epoch, count=q["count"], fd_name=fd, fd=q[fd], fd_std=q[fd + "_std"], samples=q["samples"])
         row.update({k: q[k] for m in METRICS if m in q for k in (m, m + "_std")})
         row.update({k: q[k] for k in ("guide", "guide_epoch", "guide_ema") if k in q})
@@ -96,14 +94,15 @@ def summarise(outdir, epoch, ema, weights, guide):
         raise UserError(f"no quality rows for epoch {epoch} in {outdir}/metrics.jsonl")
     name = guide_name(rows)
     base = os.path.join(outdir, f"guidance_sweep_epoch_{epoch}")
-    atomic_write(f"{base}-{name}.json", lambda f: f.write(json.dumps(rows, indent=1).encode()))
+    write_json(f"{base}-{name}.json", rows)
     print(table(rows, name), end="")
     sweeps = {}
-    for path in sorted(glob.glob(f"{base}-*.json")):
+    for path in files_named(outdir, f"{os.path.basename(base)}-", ".json"):
         with open(path) as f:
             sweeps[path[len(base) + 1:-len(".json")]] = json.load(f)
     plot(sweeps, f"{base}.png", f"{os.path.basename(os.path.normpath(outdir))}, epoch {epoch}")
     print(f"written: {base}-{name}.json, {base}.png")
+    return rows
 
 
 def table(rows, name):
@@ -119,9 +118,7 @@ def table(rows, name):
 
 def plot(sweeps, path, title):
     """FD and requested-class accuracy (where measured) against W, one line per sweep, error bars = std over blocks."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     keys = [k for k in ("fd", "class_accuracy") if any(k in r for rows in sweeps.values() for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
     for ax, k in zip(axes[0], keys):
@@ -136,8 +133,18 @@ def plot(sweeps, path, title):
         ax.legend()
     fig.suptitle(f"guidance sweep: {title}")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg, outdir = resolve(args.config, args.outdir, args.overrides)
+    weights = parse_numbers(args.weights, "--weights")
+    with dist.session() as (rank, world, device):
+        if rank == 0:
+            to_run_log(outdir)
+        guidance_sweep(cfg, outdir, device, weights, args.num_images, args.epoch, args.guide, args.guide_ema,
+                       args.metric_features, args.inception_weights)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def _hash32(x):
 def sample_dropout(x, p, keys, salt):
     """Dropout whose mask is a pure function of (keys[i], salt, element index) for sample i.
 
-    keys: int64 [N], one per sample, drawn for the global batch (tools.training.step_draws), so a
+    keys: int64 [N], one per sample, drawn for the global batch (tools.schedule.step_draws), so a
     sample's mask is the same whatever the number of ranks or micro-batches; salt tells the layers
     apart. keys=None falls back to torch's dropout (masks from the global RNG).
     """

@@ -8,11 +8,15 @@ test split, which therefore never influences a choice.
 import json
 import math
 import os
+import warnings
 
 import torch
+from threadpoolctl import threadpool_limits
+from torch.utils.tensorboard import SummaryWriter
 
-from tools.checkpoint import atomic_write
+from tools.checkpoint import numbered_files, write_json
 from tools.data import to_float
+from tools.plots import pyplot, save_figure
 
 CLASSIFIERS = ("sklearn", "torch")
 HOLDOUT_SEED = 0  # fixed permutation of the training split that picks the held-out images
@@ -29,10 +33,8 @@ class LinearProbe:
         self.std = X.std(0).clamp_min(1e-6)  # dead channels stay 0 after centring
         Z = (X - self.mean) / self.std
         if method == "sklearn":
-            import warnings
-            from sklearn.exceptions import ConvergenceWarning
-            from sklearn.linear_model import LogisticRegression
-            from threadpoolctl import threadpool_limits
+            from sklearn.exceptions import ConvergenceWarning  # lazy: scikit-learn costs seconds to import, torch fits need none
+            from sklearn.linear_model import LogisticRegression  # lazy: as above
             # Multi-threaded BLAS slows small problems down ~10x (digits: 0.2 s -> 4 s per fit on 2 cores).
             threads = 1 if Z.numel() < 2 ** 22 else None
             with warnings.catch_warnings(), threadpool_limits(threads):
@@ -129,6 +131,14 @@ def pixels_baseline(outdir, p, images, labels, num_classes, device):
 # ----------------------------------------------------------------------------------------------------
 # Outputs.
 
+def read_probe_results(outdir):
+    """Every probe result of a run (the rows of its checkpoints/epoch_<N>.probe.json files)."""
+    rows = []
+    for _, path in numbered_files(os.path.join(outdir, "checkpoints"), "epoch_", ".probe.json"):
+        rows += list(read_json(path).values())
+    return rows
+
+
 def read_json(path):
     try:
         with open(path) as f:
@@ -137,25 +147,18 @@ def read_json(path):
         return {}
 
 
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
 def result_key(block, sigma, ema, p):
     return f"{block}@sigma={sigma:.6g}/{ema}/{p['classifier']}" + ("/xflip" if p["xflip"] else "")
 
 
 def tensorboard_scalar(outdir, tag, value, t_img):
-    from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(os.path.join(outdir, "tensorboard")) as writer:
         writer.add_scalar(tag, value, t_img)
 
 
 def save_heatmap(path, table, blocks, sigmas, best):
     """Held-out accuracy (what selects) and test accuracy per block x sigma, best cell outlined."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     cell = {(c["block"], c["sigma"]): c for c in table}
     fig, axes = plt.subplots(1, 2, figsize=(2.5 + 1.1 * len(sigmas) * 2, 1.2 + 0.28 * len(blocks)), squeeze=False)
     for ax, key, title in zip(axes[0], ("holdout_accuracy_pct", "test_accuracy_pct"), ("held-out (selects)", "test")):
@@ -170,8 +173,7 @@ def save_heatmap(path, table, blocks, sigmas, best):
         ax.set_xlabel("sigma")
         ax.set_title(f"{title} accuracy %", fontsize=9)
         bi, bj = blocks.index(best["block"]), sigmas.index(best["sigma"])
-        ax.add_patch(matplotlib.patches.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="r", linewidth=2))
+        ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="r", linewidth=2))
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -11,6 +11,8 @@ import socket
 import sys
 import time
 
+from tqdm import tqdm
+
 
 class _Tee:
     """A text stream that writes to a console stream and to a log file.
@@ -128,6 +130,5 @@ def progress(total, initial=0, desc="", unit="step", enabled=True, every_s=60.0)
     if not enabled:
         return _Silent()
     if interactive():
-        from tqdm import tqdm
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.__stderr__)
     return _Plain(total, initial, desc, unit, every_s)

@@ -17,7 +17,6 @@ import warnings
 import numpy as np
 import torch
 
-from tools.checkpoint import atomic_write
 from tools.cli import UserError
 
 KID_SUBSET_SIZE = 1000
@@ -37,7 +36,7 @@ def feature_stats(feats):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64."""
-    import scipy.linalg
+    import scipy.linalg  # lazy: a second of start-up for every script that imports the metrics, most of which never call this
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
@@ -161,28 +160,6 @@ def memorisation(sample_dists, heldout_dists, percentile=5):
         raise UserError(f"memorisation needs sample and held-out distances, got {samples.size} and {heldout.size}")
     threshold = float(np.percentile(heldout, percentile))
     return dict(memorised_fraction=float(np.mean(samples < threshold)), threshold=threshold)
-
-
-def save_nearest_pairs(path, samples, train_images, index, dists, num=32):
-    """A PNG of the `num` samples closest to the training set, one per row beside its nearest training image
-    (uint8 [N, C, H, W], C = 1 or 3; `index` and `dists` from nearest_distances). Returns `path`."""
-    from PIL import Image
-    samples, train_images = _numpy(samples), _numpy(train_images)
-    for name, x in (("samples", samples), ("training images", train_images)):
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[1:] != samples.shape[1:]:
-            raise UserError(f"{name}: expected uint8 images [N, C, H, W] with C = 1 or 3 and one shape, got {x.dtype} {x.shape}")
-    order = np.argsort(_numpy(dists), kind="stable")[:num]
-    index = _numpy(index)
-    _, c, h, w = samples.shape
-    pad = 2  # grey separators, as sample.py's grid
-    grid = np.full((len(order) * (h + pad) + pad, 2 * (w + pad) + pad, c), 128, dtype=np.uint8)
-    for row, i in enumerate(order):
-        top = pad + row * (h + pad)
-        grid[top:top + h, pad:pad + w] = samples[i].transpose(1, 2, 0)
-        grid[top:top + h, 2 * pad + w:2 * pad + 2 * w] = train_images[index[i]].transpose(1, 2, 0)
-    image = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

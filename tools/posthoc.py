@@ -10,15 +10,13 @@ All times are in training images, never optimizer steps, so profiles do not depe
 GPU count.
 """
 
-import glob
 import os
-import re
 import sys
 
 import numpy as np
 import torch
 
-from tools.checkpoint import atomic_save, verify
+from tools.checkpoint import atomic_save, numbered_files, verify
 from tools.cli import UserError
 
 SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0: the uniform average over [0, t]
@@ -112,12 +110,7 @@ def profile_rel_error(t_i, g_i, x, t_out, g_out):
 
 def list_snapshots(snapshot_dir):
     """[(t_img, path)] of snapshot_<t_img>.pt files, sorted by t_img; [] if the folder does not exist."""
-    found = []
-    for p in glob.glob(os.path.join(glob.escape(snapshot_dir), "snapshot_*.pt")):
-        m = re.fullmatch(r"snapshot_(\d+)\.pt", os.path.basename(p))
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    return numbered_files(snapshot_dir, "snapshot_", ".pt")
 
 
 def _load_snapshot(path, mmap=False, checksum=True):

@@ -5,7 +5,6 @@ Image i of a split draws its noise from its own seed (i + SEED_STRIDE * stream),
 depend on the batch size or the number of ranks.
 """
 
-import contextlib
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ from tools.cli import UserError
 from tools.config import build_network
 from tools.data import to_float
 from tools.edm import Denoiser
+from tools.precision import autocast
 from tools.runs import load_net
 from tools.sampler import edm_sigmas
 
@@ -95,10 +95,11 @@ def image_noise(seeds, shape):
 
 
 @torch.no_grad()
-def extract_features(net, sigma_data, images, sigma, blocks, seeds, batch, flip=False):
+def extract_features(net, sigma_data, images, sigma, blocks, seeds, batch, flip=False, precision="fp32"):
     """{block: float32 [N, C]}: pooled activations of `blocks` for images (uint8 [N, C, H, W] on the
-    network's device) + sigma * noise, flipped horizontally first if `flip`. Under torchrun each rank runs
-    the images rank, rank + world, ... and the rows are gathered back into index order on every rank."""
+    network's device) + sigma * noise, flipped horizontally first if `flip`, in `precision` (tools/precision.py).
+    Under torchrun each rank runs the images rank, rank + world, ... and the rows are gathered back into index
+    order on every rank."""
     device = next(net.parameters()).device
     rank, world = dist.rank(), dist.world_size()
     mine = torch.arange(rank, len(images), world)
@@ -118,7 +119,6 @@ def extract_features(net, sigma_data, images, sigma, blocks, seeds, batch, flip=
     out = {b: torch.empty(len(mine), modules[b].out_channels, device=device) for b in blocks}
     handles = [modules[b].register_forward_hook(hook(b)) for b in blocks]
     denoiser = Denoiser(net, sigma_data)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     try:
         for start in range(0, len(mine), batch):
             idx = mine[start:start + batch]
@@ -127,7 +127,7 @@ def extract_features(net, sigma_data, images, sigma, blocks, seeds, batch, flip=
             if flip:
                 x = x.flip(3)
             labels = torch.zeros(len(idx), label_dim, device=device) if label_dim else None  # unconditional
-            with amp:
+            with autocast(device, precision):
                 try:
                     denoiser(x + sigma * noise, sigma, labels)
                 except _StopForward:
@@ -181,10 +181,10 @@ def feature_path(ckpt, ema, block, sigma, split, flip):
                         f"{split}{'_flip' if flip else ''}.pt")
 
 
-def feature_meta(ckpt, ema, block, sigma, split, flip, num_images):
-    """What a cached file must have been made from; any difference means extract again."""
-    return dict(version=CACHE_VERSION, **ckpt.identity, ema=ema, block=block, sigma=float(sigma), split=split,
-                flip=flip, num_images=num_images, seed_offset=SEED_STRIDE * STREAMS[split, flip])
+def feature_meta(ckpt, p, block, sigma, split, flip, num_images):
+    """What a cached file must have been made from (p: the probe section); any difference means extract again."""
+    return dict(version=CACHE_VERSION, **ckpt.identity, ema=p["ema"], precision=p["precision"], block=block, sigma=float(sigma),
+                split=split, flip=flip, num_images=num_images, seed_offset=SEED_STRIDE * STREAMS[split, flip])
 
 
 def read_cached(path, meta):
@@ -203,17 +203,18 @@ def write_cached(path, features, meta, t_img):
     atomic_save(dict(features=features.contiguous(), meta=meta, t_img=t_img), path)
 
 
-def ensure_features(cfg, ckpt, ema, blocks, sigmas, streams, batch, device, images):
+def ensure_features(cfg, ckpt, blocks, sigmas, streams, device, images):
     """Extract and cache every (block, sigma, stream) whose cache file is missing or stale; the network is
     loaded only if one is. Collective under torchrun: rank 0 decides, every rank extracts its share.
     Returns t_img of the checkpoint."""
-    missing, t_img = {}, None
+    p = cfg["probe"]
+    ema, missing, t_img = p["ema"], {}, None
     if dist.rank() == 0:
         for sigma in sigmas:
             for split, flip in streams:
                 for b in blocks:
                     cached = read_cached(feature_path(ckpt, ema, b, sigma, split, flip),
-                                         feature_meta(ckpt, ema, b, sigma, split, flip, len(images[split])))
+                                         feature_meta(ckpt, p, b, sigma, split, flip, len(images[split])))
                     if cached is None:
                         missing.setdefault((sigma, split, flip), []).append(b)
                     else:
@@ -232,18 +233,20 @@ def ensure_features(cfg, ckpt, ema, blocks, sigmas, streams, batch, device, imag
             on_device[split] = images[split].to(device)
         seeds = torch.arange(len(images[split])) + SEED_STRIDE * STREAMS[split, flip]
         start = time.time()
-        feats = extract_features(net, cfg["diffusion"]["sigma_data"], on_device[split], sigma, todo, seeds, batch, flip)
+        feats = extract_features(net, cfg["diffusion"]["sigma_data"], on_device[split], sigma, todo, seeds, p["batch"], flip,
+                                 p["precision"])
         log(f"features: {len(todo)} block(s) at sigma={sigma:.4g}, {split}{' x-flipped' if flip else ''}, "
             f"{len(seeds)} images on {dist.world_size()} rank(s): {time.time() - start:.1f} s")
         if dist.rank() == 0:
             for b in todo:
                 write_cached(feature_path(ckpt, ema, b, sigma, split, flip), feats[b],
-                             feature_meta(ckpt, ema, b, sigma, split, flip, len(images[split])), info["t_img"])
+                             feature_meta(ckpt, p, b, sigma, split, flip, len(images[split])), info["t_img"])
     return info["t_img"]
 
 
-def load_features(ckpt, ema, block, sigma, streams, images):
+def load_features(cfg, ckpt, block, sigma, streams, images):
     """{(split, flip): features} of one cell, from the cache."""
-    return {(split, flip): read_cached(feature_path(ckpt, ema, block, sigma, split, flip),
-                                       feature_meta(ckpt, ema, block, sigma, split, flip, len(images[split])))[0]
+    p = cfg["probe"]
+    return {(split, flip): read_cached(feature_path(ckpt, p["ema"], block, sigma, split, flip),
+                                       feature_meta(ckpt, p, block, sigma, split, flip, len(images[split])))[0]
             for split, flip in streams}

@@ -12,16 +12,24 @@ class-conditional model, given their requested classes, also get `class_accuracy
 classifier (whatever the features) names the requested class, which measures how well conditioning works.
 """
 
-
 import numpy as np
 import torch
 
-from tools import metrics
+from tools import fid, metrics
+from tools.classifier import load_or_train, outputs
 from tools.cli import UserError
 from tools.data import load_dataset
+from tools.grid import pairs_grid, save_picture
+from tools.inception import build_inception, features_of_images
 
 EXTRACTORS = ("classifier", "inception")
 KID_SUBSETS = 100
+NEAREST_PAIRS = 32  # samples shown beside their nearest training image
+
+
+def fd_key(row):
+    """The Frechet-distance key of a quality row: FD_classifier or FD_inception (whichever features scored it)."""
+    return next(k for k in row if k.startswith("FD_") and not k.endswith("_std"))
 
 
 def default_extractor(cfg):
@@ -33,9 +41,7 @@ def extract(extractor, model, images, device):
     """(features float64 [N, F], class probabilities [N, K] or None) of uint8 images under `extractor`
     ("classifier" or "inception") with the `model` build_extractor() returned."""
     if extractor == "classifier":
-        from tools.classifier import outputs
         return outputs(model, images, device=device)
-    from tools.fid import features_of_images
     return features_of_images(model, images, device=device), None
 
 
@@ -47,7 +53,6 @@ def reference(cfg, extractor, model, device, inception_weights=None, inception_r
         images, _ = load_dataset(cfg, "train")
         feats = extract(extractor, model, images, device)[0]
         return (*metrics.feature_stats(feats), feats)
-    from tools import fid
     path = inception_ref or fid.auto_reference(cfg, inception_weights, device)
     mu, sigma, feats = fid.load_stats(path)
     if feats is None:
@@ -59,9 +64,7 @@ def build_extractor(cfg, extractor, device, inception_weights=None):
     if extractor not in EXTRACTORS:
         raise UserError(f"--metric-features must be one of {', '.join(EXTRACTORS)}, got {extractor!r}")
     if extractor == "classifier":
-        from tools.classifier import load_or_train
         return load_or_train(cfg, device)
-    from tools.fid import build_inception
     model = build_inception(inception_weights, device=device)
     model.name = "inception"
     return model
@@ -131,7 +134,7 @@ class Scorer:
         if self.classifier is not None:
             out["classifier_test_accuracy"] = self.classifier.test_accuracy
         if pairs_path is not None:
-            out["nearest_pairs"] = metrics.save_nearest_pairs(pairs_path, samples, self.train.cpu(), sample_idx, sample_dist)
+            out["nearest_pairs"] = save_nearest_pairs(pairs_path, samples, self.train.cpu(), sample_idx, sample_dist)
         return out
 
 
@@ -151,9 +154,17 @@ def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_pa
     return scorer.score(samples, blocks, pairs_path, classes)
 
 
+def save_nearest_pairs(path, samples, train_images, index, dists, num=NEAREST_PAIRS):
+    """A PNG of the `num` samples closest to the training set, each beside its nearest training image, closest first
+    (uint8 [N, C, H, W]; `index` and `dists` from metrics.nearest_distances). Returns `path`."""
+    order = np.argsort(np.asarray(dists), kind="stable")[:num]
+    nearest = torch.as_tensor(train_images)[torch.from_numpy(np.asarray(index)[order])]
+    return save_picture(path, pairs_grid(torch.as_tensor(samples)[torch.from_numpy(order)], nearest))
+
+
 def format_line(r):
     """One line for the terminal: every metric as mean +- std over the blocks."""
-    fd = next(k for k in r if k.startswith("FD_") and not k.endswith("_std"))
+    fd = fd_key(r)
     parts = [f"{fd}: {r[fd]:.3f} +- {r[fd + '_std']:.3f}", f"KID: {r['KID']:.5f} +- {r['KID_std']:.5f}",
              f"precision: {r['precision']:.3f} +- {r['precision_std']:.3f}", f"recall: {r['recall']:.3f} +- {r['recall_std']:.3f}"]
     if "class_entropy" in r:

@@ -5,10 +5,14 @@ the chosen weights (classic EMA, online weights, or a post-hoc EMA reconstructio
     net, info = load_net(cfg, outdir, epoch=None, ema="sigma_rel=0.075")
 """
 
+import fcntl
 import os
+import socket
+import sys
+import time
 
 from tools import dist
-from tools.checkpoint import load, load_epoch
+from tools.checkpoint import load, load_epoch, pid_alive
 from tools.cli import UserError
 from tools.config import build_network, load_config
 from tools.posthoc import write_reconstruction
@@ -73,10 +77,6 @@ def lock_for_training(outdir):
     dies, so a lock left by a killed run is taken over; where the filesystem has no locks (some NFS
     mounts), a holder on this host that no longer runs counts as stale. Raises UserError if another
     live process holds it."""
-    import fcntl
-    import socket
-    import sys
-    import time
     path = os.path.join(outdir, "train.lock")
     if path in _held_locks:
         return path
@@ -98,7 +98,7 @@ def lock_for_training(outdir):
             f.close()
             raise UserError(f"{outdir} has a lock of host {host} (pid {pid}), which cannot be checked from here; "
                             f"if that run has ended, delete {path}")
-        if host and pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+        if host and pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
             f.close()
             raise UserError(f"{outdir} is being trained by pid {pid} on this host; wait for it to end, stop it, or use another --outdir")
     f.seek(0)
@@ -108,13 +108,3 @@ def lock_for_training(outdir):
     f.flush()
     _held_locks[path] = f
     return path
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

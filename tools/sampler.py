@@ -48,7 +48,7 @@ class GuidedDenoiser(torch.nn.Module):
     signature of tools.edm.Denoiser (Karras et al. 2024, arXiv 2406.02507, eq. 2).
 
     Classifier-free guidance: guide = main, c' = the dropped label, a zero vector (how training drops labels,
-    tools/trainer.py). Autoguidance: guide = a weaker model of the same task (smaller, or trained less),
+    tools/batches.py). Autoguidance: guide = a weaker model of the same task (smaller, or trained less),
     c' = c, or no label for an unconditional guide. w = 1 returns D_main itself, bit for bit, without
     evaluating the guide; w > 1 extrapolates away from the guide.
     """
@@ -116,3 +116,11 @@ def sample(denoiser, noise, shape, class_labels=None, sampler="heun", steps=18, 
             x_next = x + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_next)
         x = x_next
     return x.to(torch.float32)
+
+
+SAMPLER_KEYS = ("sampler", "steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise")  # sample()'s keywords
+
+
+def sampler_kwargs(section):
+    """The sample() keywords of a config's sample section."""
+    return {k: section[k] for k in SAMPLER_KEYS}

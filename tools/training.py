@@ -1,43 +1,162 @@
-"""Pure functions of the images seen that the training loop is built from: LR schedule, data order, noise.
+"""Training: the loop of train.py, from the config to the last checkpoint.
 
-Every random draw of a step comes from a generator seeded by (seed, step), drawn for the whole global
-batch and then sliced by rank, so a run is the same for any GPU count or accumulation.
+Setup (the run directory, the data, the trained state resumed from its newest checkpoint, DDP), then one
+optimizer step at a time; between steps the schedule decides (as functions of the images seen) when to
+snapshot the power EMAs, log, draw a grid, evaluate and checkpoint, and a signal or a timer may ask for a
+checkpoint between epochs (tools/stops.py).
 """
 
-import numpy as np
+import os
+import signal
+import time
+
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-SIGMA_BUCKETS = torch.tensor([0.002, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0])  # edges for the per-sigma loss log
-
-
-def learning_rate(t_img, ref_lr, rampup_img, ref_img):
-    """EDM2 schedule: ref_lr / sqrt(max(t / t_ref, 1)) (none when t_ref = 0), times a linear ramp-up; t = images seen."""
-    lr = ref_lr
-    if ref_img > 0:
-        lr /= np.sqrt(max(t_img / ref_img, 1))
-    if rampup_img > 0:
-        lr *= min(t_img / rampup_img, 1)
-    return float(lr)
-
-
-def seed_for(*values):
-    """A 63-bit seed derived from integers (seed, step, rank, ...), stable across runs and machines."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
-
-
-def epoch_order(seed, epoch, num_images, device):
-    """The permutation of the dataset used in `epoch`."""
-    g = torch.Generator().manual_seed(seed_for(seed, epoch, 0xDA7A))
-    return torch.randperm(num_images, generator=g).to(device)
+from tools import dist
+from tools.batches import Batches
+from tools.checkpoint import atomic_write, read_jsonl, remove_stale_temp, write_json
+from tools.cli import Stopped
+from tools.config import dump
+from tools.evaluation import Evaluator, summarize_curves, summary_lines
+from tools.generate import training_grid
+from tools.grid import save_picture
+from tools.log import progress, to_run_log
+from tools.runs import lock_for_training
+from tools.schedule import learning_rate
+from tools.stops import StopRequests
+from tools.train_log import TrainingLog
+from tools.train_state import TrainState
 
 
-def step_draws(seed, step, batch_size, image_shape, P_mean, P_std, device):
-    """(sigma [B], noise [B, C, H, W], flip [B] bool, label-dropout draw [B] in [0, 1), dropout key [B] int64)
-    for the global batch of `step`; the key fixes each sample's dropout masks (tools.layers.sample_dropout)."""
-    g = torch.Generator(device).manual_seed(seed_for(seed, step, 0x5EED))
-    sigma = (torch.randn(batch_size, generator=g, device=device) * P_std + P_mean).exp()
-    noise = torch.randn((batch_size, *image_shape), generator=g, device=device)
-    flip = torch.rand(batch_size, generator=g, device=device) < 0.5
-    drop = torch.rand(batch_size, generator=g, device=device)
-    dropout_keys = torch.randint(2 ** 31, (batch_size,), generator=g, device=device)
-    return sigma, noise, flip, drop, dropout_keys
+def claim_run_directory(outdir):
+    """Rank 0, before anything is written: the run directory's lock (one training per directory), the temp
+    files that killed writers left behind removed, and log.txt started."""
+    lock_for_training(outdir)
+    removed = remove_stale_temp(outdir)
+    to_run_log(outdir)
+    if removed:
+        print(f"removed {len(removed)} temp file(s) of killed writers, e.g. {removed[0]}", flush=True)
+
+
+class Run:
+    """What the loop works with: the config, this rank, the data, the state, the log and the evaluator."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.T, self.outdir = cfg, cfg["train"], cfg["train"]["outdir"]
+        self.rank, self.world, self.device = dist.rank(), dist.world_size(), device
+        dist.on_rank0(claim_run_directory, self.outdir)  # one writer per run directory, before anything is written
+        self.data = Batches(cfg, self.rank, self.world, device)  # the training set on the device; this rank's share of each batch
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.state = TrainState(cfg, device)
+        if self.state.resume(self.outdir, self.data.epoch_img):
+            dist.print0(f"resumed {self.outdir} at epoch {self.epoch:g} ({self.state.t_img / 1000:.1f} kimg)")
+        if self.rank == 0:
+            atomic_write(os.path.join(self.outdir, "config.yaml"), lambda f: f.write(dump(cfg).encode()))
+        if self.T["compile"]:
+            self.state.edm.net.compile()
+        edm = self.state.edm
+        self.model = DistributedDataParallel(edm, device_ids=[device] if device.type == "cuda" else None,
+                                             broadcast_buffers=False) if self.world > 1 else edm
+        self.step = self.state.t_img // self.data.batch_size
+        self.total_steps = self.T["epochs"] * self.data.steps_per_epoch
+        self.log = TrainingLog(cfg, self.outdir, self.rank, self.world, device, self.step, self.data.epoch_img)
+        self.evaluator = Evaluator(cfg, self.data.images, self.data.labels, self.rank, self.world, device)
+        self.snapshot_img = round(cfg["ema"]["snapshot_epochs"] * self.data.epoch_img)
+
+    @property
+    def epoch(self):
+        """Epochs done, fractional between epochs."""
+        return self.state.t_img / self.data.epoch_img
+
+    def train_step(self):
+        T, epoch_img = self.T, self.data.epoch_img
+        lr = learning_rate(self.state.t_img, T["lr"], T["lr_rampup_epochs"] * epoch_img, T["lr_ref_epochs"] * epoch_img)
+        self.state.step(self.model, self.data.batch(self.step), self.data.micro, lr, self.log)
+        self.step += 1
+
+    def snapshot_if_due(self):
+        """The power EMAs every ema.snapshot_epochs (counted in images), for post-hoc reconstruction."""
+        t_img, B, every = self.state.t_img, self.data.batch_size, self.snapshot_img
+        if self.rank == 0 and every > 0 and t_img // every > (t_img - B) // every:
+            self.state.emas.save_snapshot(self.outdir, t_img)
+
+    def log_row(self, bar):
+        row = self.log.log(self.step, self.state)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)
+        self.state.check_gradients(self.outdir)
+
+    def end_epoch(self, epoch, last):
+        """Grid, evaluation and checkpoint of an epoch, each at its cadence. Returns the checkpoint written, or None."""
+        T, state = self.T, self.state
+        if self.rank == 0 and T["grid_epochs"] and (epoch % T["grid_epochs"] == 0 or last):
+            picture = training_grid(state.emas.classic.ema_model, self.cfg, self.device)
+            self.log.add_image("samples/ema_classic", picture, state.t_img)
+            save_picture(os.path.join(self.outdir, "grids", f"epoch_{epoch}.png"), picture)
+        if self.evaluator.due(epoch, last):
+            started = time.time()
+            rows = self.evaluator(state.emas.classic.ema_model, state.edm.loss, state.t_img, epoch)
+            if self.rank == 0:
+                self.log.log_evaluation(rows)
+            self.log.exclude_time(started)  # img_per_s measures training only
+        if epoch % T["checkpoint_epochs"] and not last:
+            return None
+        return self.checkpoint(epoch, why=None)
+
+    def checkpoint(self, epoch, why):
+        """A per-epoch checkpoint (why=None) or one between epochs (resume_<images>.pt, why = the signal or the timer),
+        written by rank 0 and noted in metrics.jsonl; every rank returns its path (and stops on rank 0's error)."""
+        state = self.state
+        state.check_weights(epoch)
+
+        def save():
+            path = state.save(self.outdir, epoch) if why is None else state.save_resume(self.outdir, epoch)
+            self.log.write(dict(epoch=epoch, kimg=state.t_img / 1000, checkpoint=path, **({"reason": why} if why else {})))
+            return path
+        return dist.on_rank0(save)
+
+
+def train(cfg, device):
+    """Train the config's network into train.outdir (resuming from its newest checkpoint) on this rank."""
+    run = Run(cfg, device)
+    T, state, data = run.T, run.state, run.data
+    dist.print0(f"{cfg['unet']}: {sum(p.numel() for p in state.edm.net.parameters()) / 1e6:.2f}M parameters, "
+                f"{len(data.images)} images, {run.world} rank(s) on {device.type}, {T['epochs']} epochs of "
+                f"{data.steps_per_epoch} steps; run directory {run.outdir}")
+    bar = progress(run.total_steps, initial=run.step, desc="training", unit="step", enabled=run.rank == 0)
+    try:
+        with StopRequests(T["checkpoint_minutes"], run.rank, run.world, device) as stops:
+            while run.step < run.total_steps:
+                run.train_step()
+                bar.update(1)
+                run.snapshot_if_due()
+                epoch, into_epoch = divmod(run.step, data.steps_per_epoch)
+                last = run.step == run.total_steps
+                if into_epoch == 0 or run.step % T["log_steps"] == 0:
+                    run.log_row(bar)
+                checkpoint = run.end_epoch(epoch, last) if into_epoch == 0 else None
+                signum, timer_due = stops.poll(run.step)
+                if checkpoint is None and (signum or timer_due) and not last:
+                    why = signal.Signals(signum).name if signum else f"{T['checkpoint_minutes']:g} minutes"
+                    checkpoint = run.checkpoint(run.epoch, why)
+                if checkpoint is not None:
+                    stops.saved()
+                if signum and not last:
+                    raise Stopped(f"stopped by {signal.Signals(signum).name} at {state.t_img / 1000:.1f} kimg (epoch "
+                                  f"{run.epoch:.2f}); checkpoint {checkpoint}. Run the same command to resume.", signum)
+    finally:  # also when stopped: TensorBoard and metrics.jsonl flushed
+        bar.close()
+        run.log.close()
+    dist.print0(f"done: {state.t_img / 1000:.1f} kimg. Checkpoints: {os.path.join(run.outdir, 'checkpoints')}\n"
+                f"TensorBoard: tensorboard --logdir {os.path.join(run.outdir, 'tensorboard')}")
+    if run.rank == 0:
+        write_curve_summary(run.outdir)
+
+
+def write_curve_summary(outdir):
+    """OUTDIR/eval_summary.json and its lines on the terminal: the evaluation curves of the whole run at a glance."""
+    s = summarize_curves(read_jsonl(os.path.join(outdir, "metrics.jsonl")))
+    if s is not None:
+        write_json(os.path.join(outdir, "eval_summary.json"), s)
+        print("\n".join(summary_lines(s)), flush=True)

@@ -12,37 +12,11 @@ import sys
 import pytest
 import torch
 
+from conftest import flip_byte, one_line_error, weights
 from tools import checkpoint
-from tools.checkpoint import (append_text, atomic_save, atomic_write, checkpoint_path, load, load_epoch, load_newest,
-                              manifest_path, remove, remove_stale_temp, temp_path, verify)
-from tools.cli import UserError
-from tools.log import _Tee
-from tools.posthoc import reconstruct, sigma_rel_to_gamma, write_reconstruction
-from tools.probe_features import read_cached, write_cached
+from tools.checkpoint import append_text, atomic_save, atomic_write, checkpoint_path, load, load_epoch, load_newest, manifest_path, remove, remove_stale_temp, temp_path, verify
 
 DISK_FULL = "disk full while writing"
-
-
-def one_line_error(fn, *args, **kwargs):
-    with pytest.raises(UserError) as e:
-        fn(*args, **kwargs)
-    assert "\n" not in str(e.value)
-    return str(e.value)
-
-
-def flip_byte(path, needle):
-    """Flip the lowest bit of the first byte of `needle` in the file, in place (bit rot, a bad copy)."""
-    data = open(path, "rb").read()
-    i = data.find(needle)
-    assert i >= 0, "needle not in file"
-    with open(path, "r+b") as f:
-        f.seek(i)
-        f.write(bytes([data[i] ^ 1]))
-
-
-def weights(value, n=1000):
-    """A tensor whose bytes are easy to find in the file (a run of one float)."""
-    return torch.full((n,), float(value))
 
 
 class FullDisk(io.FileIO):
@@ -89,43 +63,6 @@ def test_flipped_byte_in_checkpoint_is_refused_and_the_previous_one_used(tmp_pat
     assert load_newest(outdir)["epoch"] == 1
     assert "warning:" in capsys.readouterr().err
     assert "checksum mismatch" in one_line_error(load_epoch, outdir, 2)  # an explicit epoch: the one line
-
-
-def test_flipped_byte_in_a_snapshot_refuses_reconstruction(tmp_path):
-    snapshots = tmp_path / "snapshots"
-    gammas = [sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)]
-    for k in (1, 2, 3):
-        emas = [{"sigma_rel": s, "gamma": g, "net": {"w": weights(10 * k + i, 8)}}
-                for i, (s, g) in enumerate(zip((0.05, 0.10), gammas))]
-        atomic_save({"t_img": 1000 * k, "emas": emas}, str(snapshots / f"snapshot_{1000 * k:012d}.pt"))
-    state, _ = reconstruct(str(snapshots), 0.075)
-    flip_byte(snapshots / "snapshot_000000002000.pt", weights(21, 8).numpy().tobytes())
-    error = one_line_error(reconstruct, str(snapshots), 0.075)
-    assert "checksum mismatch" in error and str(snapshots / "snapshot_000000002000.pt") in error
-
-
-def test_flipped_byte_in_the_posthoc_cache_rebuilds_it(tmp_path, capsys):
-    gammas = [sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)]
-    for k in (1, 2):
-        emas = [{"sigma_rel": s, "gamma": g, "net": {"w": weights(k + i, 8)}} for i, (s, g) in enumerate(zip((0.05, 0.10), gammas))]
-        atomic_save({"t_img": 1000 * k, "emas": emas}, str(tmp_path / "snapshots" / f"snapshot_{1000 * k:012d}.pt"))
-    path = write_reconstruction(str(tmp_path), 0.075)
-    good = load(path)["net"]["w"].clone()
-    flip_byte(path, good.numpy().tobytes())
-    assert "checksum mismatch" in one_line_error(load, path)
-    assert write_reconstruction(str(tmp_path), 0.075) == path
-    assert "checksum mismatch" in capsys.readouterr().err
-    torch.testing.assert_close(load(path)["net"]["w"], good, rtol=0, atol=0)
-
-
-def test_flipped_byte_in_the_probe_cache_extracts_again(tmp_path):
-    path = str(tmp_path / "features" / "train.pt")
-    meta = {"version": 1, "block": "enc.8x8"}
-    write_cached(path, weights(3.0, 64).reshape(8, 8), meta, 1234)
-    features, t_img = read_cached(path, meta)
-    assert t_img == 1234 and (features == 3).all()
-    flip_byte(path, weights(3.0, 64).numpy().tobytes())
-    assert read_cached(path, meta) is None
 
 
 def test_file_without_manifest_loads_unverified(tmp_path):
@@ -261,20 +198,4 @@ def test_temp_names_are_not_taken_for_results(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- log.txt
 
-class BrokenLog(io.StringIO):
-    name = "runs/x/log.txt"
 
-    def write(self, text):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def test_log_that_cannot_be_written_leaves_the_console_going():
-    log, out, err = BrokenLog(), io.StringIO(), io.StringIO()
-    tee_out, tee_err = _Tee(out, log), _Tee(err, log)
-    tee_out.write("epoch 1\n")
-    tee_err.write("warning: something\n")
-    tee_out.write("epoch 2\n")
-    tee_out.flush()
-    warnings = (out.getvalue() + err.getvalue()).count("cannot write runs/x/log.txt")
-    assert warnings == 1  # stdout and stderr share the log: one warning
-    assert "epoch 1\n" in out.getvalue() and out.getvalue().endswith("epoch 2\n") and "warning: something\n" in err.getvalue()

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT
 from tools.cli import UserError
 from tools.config import build_network, load_config
 
@@ -144,101 +144,8 @@ def test_unet_must_be_a_network_file_and_is_not_imported_otherwise(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Command-line flags: the same ranges, named as typed.
 
-@pytest.mark.parametrize("text", ["5-2", "-3", "", "1,,2", "a-b", "0-", "3--5", "0-1.5"])
-def test_bad_seeds_are_one_line(text):
-    from sample import parse_seeds
-    with pytest.raises(UserError, match=r"--seeds must look like 0-49999 or 0,5,10-19 \(non-negative integers"):
-        parse_seeds(text)
-
-
-def test_good_seeds():
-    from sample import parse_seeds
-    assert parse_seeds(" 0 - 2,7,7,4") == [0, 1, 2, 4, 7]
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--steps", "0"], "--steps must be >= 2, got 0"),
-    (["--steps", "-2"], "--steps must be >= 2, got -2"),
-    (["--batch", "0"], "--batch must be >= 1, got 0"),
-    (["--S_churn", "-1"], "--S_churn must be >= 0, got -1.0"),
-    (["--S_noise", "nan"], "--S_noise must be >= 0, got nan"),
-    (["--S_max", "-1"], "--S_max must be >= sample.S_min (0.0), got -1.0"),
-    (["--S_min", "2", "--S_max", "1"], "--S_max must be >= --S_min (2.0), got 1.0"),
-    (["--seeds", "5-2"], "--seeds must look like"),
-    (["--score-blocks", "1"], "--score-blocks must be >= 2"),
-    (["--epoch", "-1"], "--epoch must be >= 0, got -1"),
-    (["--score", "--seeds", "0-38"], "--score needs at least 40 seeds (4 blocks of 10), got 39"),
-    (["sample.steps=1"], "sample.steps must be >= 2, got 1"),
-])
-def test_sample_flags_meet_the_config_ranges(tmp_path, flags, message):
-    import sample
-    with pytest.raises(UserError) as e:
-        sample.main(["--config", DIGITS, "--outdir", str(tmp_path), *flags])
-    assert str(e.value).startswith(message), str(e.value)
-    assert os.listdir(tmp_path) == []  # nothing started
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--batch", "0"], "--batch must be >= 1, got 0"),
-    (["--sigma", "-0.5"], "--sigma must be > 0, got -0.5"),
-    (["--epoch", "-2"], "--epoch must be >= 0, got -2"),
-    (["probe.holdout=1.5"], "probe.holdout must be in [0, 1)"),
-])
-def test_probe_flags_meet_the_config_ranges(tmp_path, flags, message):
-    import probe
-    with pytest.raises(UserError) as e:
-        probe.main(["--config", DIGITS, "--outdir", str(tmp_path), *flags])
-    assert str(e.value).startswith(message), str(e.value)
-
 
 # ----------------------------------------------------------------------------------------------------
 # End to end: exit 2, one line on stderr, no traceback, nothing done.
 
-def assert_one_line_exit_2(proc, needle):
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-2000:]
 
-
-def test_train_rejects_batch_size_0_before_creating_the_run(tmp_path):
-    outdir = tmp_path / "run"
-    proc = run_script("train.py", "--config", DIGITS, "--outdir", str(outdir), "train.batch_size=0", check=False)
-    assert_one_line_exit_2(proc, "train.batch_size must be >= 1, got 0")
-    assert not outdir.exists()
-
-
-def test_train_rejects_a_non_network_unet_file(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text(open(os.path.join(ROOT, DIGITS)).read().replace("unet: unetE.py", "unet: sample.py"))
-    proc = run_script("train.py", "--config", str(path), "--dry-run", check=False)
-    assert_one_line_exit_2(proc, "unet: 'sample.py' is not a network file; allowed: unetC.py, unetE.py, unetG.py")
-    assert proc.stdout == ""
-
-
-@pytest.mark.parametrize("flags,needle", [
-    (["--seeds", "5-2"], "--seeds must look like 0-49999 or 0,5,10-19"),
-    (["--steps", "0"], "--steps must be >= 2, got 0"),
-    (["--batch", "0"], "--batch must be >= 1, got 0"),
-])
-def test_sample_rejects_bad_flags_before_sampling(tmp_path, flags, needle):
-    proc = run_script("sample.py", "--config", DIGITS, "--outdir", str(tmp_path), *flags, check=False)
-    assert_one_line_exit_2(proc, needle)
-    assert "sampling" not in proc.stdout and os.listdir(tmp_path) == []
-
-
-def test_sample_checks_the_inception_weights_load_before_sampling(tmp_path):
-    weights = tmp_path / "inception.pth"
-    weights.write_bytes(os.urandom(4096))
-    outdir = tmp_path / "run"
-    outdir.mkdir()
-    proc = run_script("sample.py", "--config", DIGITS, "--outdir", str(outdir), "--seeds", "0-9", "--fid", "auto",
-                      "--inception-weights", str(weights), check=False)
-    # Without the check it would fail later, on the missing checkpoint (or, with one, after sampling).
-    assert_one_line_exit_2(proc, f"{weights}: cannot read the Inception weights")
-    assert "sampling" not in proc.stdout and os.listdir(outdir) == []
-
-
-def test_ema_sweep_rejects_sigma_rel_out_of_range(tmp_path):
-    proc = run_script("tools/ema_sweep.py", "--config", DIGITS, "--outdir", str(tmp_path), "--sigma-rels", "0.05,0.3", check=False)
-    assert_one_line_exit_2(proc, "--sigma-rels must be a list of numbers, each in (0, 1/sqrt(12)), got [0.05, 0.3]")
-    proc = run_script("tools/ema_sweep.py", "--config", DIGITS, "--outdir", str(tmp_path), "--num-images", "39", check=False)
-    assert_one_line_exit_2(proc, "--num-images must be >= 40")

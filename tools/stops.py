@@ -1,0 +1,54 @@
+"""When training writes a checkpoint between epochs, and when it stops: on a signal, or on a timer.
+
+SIGTERM (preemption), SIGINT (Ctrl-C) and SIGUSR1 (what SLURM sends before the time limit with
+--signal=USR1@<seconds>) let the current step finish; a checkpoint is written and training stops. Every
+train.checkpoint_minutes a checkpoint is written anyway. Under torchrun the ranks agree on the step (one tiny
+all-reduce every SYNC_STEPS steps).
+"""
+
+import signal
+import time
+
+import torch
+
+
+class StopRequests:
+    """Signal handlers while training runs (a context manager); poll() says what the ranks agree to do now."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SYNC_STEPS = 10
+
+    def __init__(self, minutes, rank, world, device):
+        self.every_s, self.rank, self.world, self.device = 60 * minutes, rank, world, device
+        self.signum, self.previous = None, {}
+        self.last_save = time.time()
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self._request)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _request(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signum = signum
+
+    def poll(self, step):
+        """(signal number or None, whether a time-based checkpoint is due), the same on every rank."""
+        due = self.every_s > 0 and time.time() - self.last_save >= self.every_s and self.rank == 0
+        if self.world == 1:
+            return self.signum, due
+        if step % self.SYNC_STEPS:
+            return None, False
+        flags = torch.tensor([float(self.signum or 0), float(due)], device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signum, due = flags.tolist()
+        return (int(signum) or None), bool(due)
+
+    def saved(self):
+        """A checkpoint was just written: the timer starts again."""
+        self.last_save = time.time()

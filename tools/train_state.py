@@ -1,0 +1,175 @@
+"""What training advances and a checkpoint holds: the network and its loss head, the optimizer, the grad scaler,
+the EMAs, the images seen and the count of steps with non-finite gradients; one optimizer step; resume and save.
+"""
+
+import contextlib
+import sys
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from tools.checkpoint import atomic_save, checkpoint_path, list_checkpoints, list_resume_checkpoints, load, remove, resume_path
+from tools.cli import UserError
+from tools.config import build_edm, dump
+from tools.ema import EMAs
+from tools.mp import force_weight_norm_
+from tools.precision import autocast
+
+RESUME_KEYS = ("unet", "network", "diffusion")  # sections that must match to resume a run
+RESUME_TRAIN_KEYS = ("seed", "batch_size")
+REQUIRED = ("net", "loss_head", "optimizer", "emas", "t_img", "config")  # what a checkpoint must hold to resume from
+
+
+class TrainState:
+    """The trained state of one run on one rank (every rank holds the same)."""
+
+    def __init__(self, cfg, device):
+        T = cfg["train"]
+        self.cfg, self.device = cfg, device
+        self.fp16 = device.type == "cuda" and T["precision"] == "fp16"
+        torch.manual_seed(T["seed"])  # the network's initialisation
+        self.edm = build_edm(cfg).to(device)
+        force_weight_norm_(self.edm)
+        self.opt = torch.optim.Adam(self.edm.parameters(), lr=T["lr"], betas=tuple(T["betas"]), eps=T["eps"])
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.fp16)
+        self.emas = EMAs(self.edm.net, cfg["ema"])
+        self.params = list(self.edm.parameters())
+        self.t_img = 0
+        # Non-finite gradient bookkeeping on the device, read only when logged or checkpointed (no sync per step):
+        # all steps so far, the current run of consecutive ones, and the longest run since the last check.
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.int64)
+        self.streak = torch.zeros((), device=device, dtype=torch.int64)
+        self.longest_streak = torch.zeros((), device=device, dtype=torch.int64)
+
+    @property
+    def nonfinite_steps(self):
+        return int(self.nonfinite.item())
+
+    # ------------------------------------------------------------------------------------------------
+    # One optimizer step.
+
+    def step(self, model, batch, micro, lr, log):
+        """One optimizer step on this rank's share of the global batch, in micro-batches of `micro` images;
+        `model` is edm, or its DistributedDataParallel wrapper, which all-reduces on the last micro-batch.
+        Non-finite gradients are zeroed (fp16: GradScaler skips the step instead)."""
+        y, sigma, noise, class_labels, keys = batch
+        per_rank = len(y)
+        for m in range(per_rank // micro):
+            ms = slice(m * micro, (m + 1) * micro)
+            last = (m + 1) * micro == per_rank
+            sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+            with sync, autocast(self.device, self.cfg["train"]["precision"]):
+                loss = model(y[ms], sigma[ms], noise[ms], None if class_labels is None else class_labels[ms], keys[ms])
+            self.scaler.scale(loss.sum() / per_rank).backward()
+            log.add_losses(loss, sigma[ms])
+
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.opt)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        finite = torch.isfinite(grad_norm)
+        if not self.fp16:
+            for g in grads:
+                torch.nan_to_num_(g, nan=0, posinf=0, neginf=0)
+            torch._foreach_mul_(grads, finite.to(grads[0].dtype))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        force_weight_norm_(self.edm)
+        B = self.cfg["train"]["batch_size"]
+        self.t_img += B
+        self.emas.update(self.edm.net, self.t_img, B)
+        self._count_nonfinite(finite)
+        log.add_step(grad_norm, finite)
+
+    def _count_nonfinite(self, finite):
+        bad = (~finite).to(torch.int64)
+        self.nonfinite += bad
+        self.streak = (self.streak + 1) * bad
+        self.longest_streak = torch.maximum(self.longest_streak, self.streak)
+
+    def check_gradients(self, outdir):
+        """Stop the run once the gradients were non-finite for train.max_nonfinite_steps consecutive steps, counted
+        exactly at every step (on the device) and checked here, at the logged steps."""
+        limit = self.cfg["train"]["max_nonfinite_steps"]
+        longest = int(self.longest_streak.item())
+        self.longest_streak = self.streak.clone()  # a run still going on carries over to the next check
+        if longest >= limit:
+            good = list_checkpoints(outdir)
+            raise UserError(f"gradients non-finite for {longest} consecutive steps (train.max_nonfinite_steps={limit}) by "
+                            f"{self.t_img / 1000:.1f} kimg; stopped. Last good checkpoint: {good[-1][1] if good else 'none'}")
+
+    def check_weights(self, epoch):
+        """Refuse to checkpoint non-finite weights, so that the earlier checkpoints stay the ones to resume from."""
+        if not all(torch.isfinite(p).all() for p in self.params):
+            raise UserError(f"weights became non-finite at epoch {epoch}; not checkpointed, earlier checkpoints are intact")
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoints.
+
+    def resume(self, outdir, epoch_img):
+        """Load the newest valid checkpoint of outdir, per-epoch or mid-epoch (resume_<images>.pt); a corrupt one
+        is reported and the next older one tried. False if there is none."""
+        candidates = sorted([(e * epoch_img, p) for e, p in list_checkpoints(outdir)] + list_resume_checkpoints(outdir), reverse=True)
+        ckpt = None
+        for _, path in candidates:
+            try:
+                ckpt = load(path)
+            except UserError as e:
+                print(f"warning: {e}", file=sys.stderr, flush=True)
+                continue
+            if isinstance(ckpt, dict) and all(k in ckpt for k in REQUIRED):
+                break
+            print(f"warning: checkpoint {path} lacks {', '.join(REQUIRED)}; skipped", file=sys.stderr, flush=True)
+            ckpt = None
+        if ckpt is None and candidates:
+            raise UserError(f"no checkpoint in {outdir}/checkpoints could be loaded; move them away to start afresh")
+        if ckpt is None:
+            return False
+        saved = yaml.safe_load(ckpt["config"])
+        for key in RESUME_KEYS:
+            if self.cfg[key] != saved[key]:
+                raise UserError(f"{outdir} holds a run with a different '{key}'; resume with its config ({outdir}/config.yaml) "
+                                f"or use a new --outdir")
+        for key in RESUME_TRAIN_KEYS:
+            if self.cfg["train"][key] != saved["train"][key]:
+                raise UserError(f"{outdir} was trained with train.{key}={saved['train'][key]}; keep it to resume, or use a new --outdir")
+        self.edm.net.load_state_dict(ckpt["net"])
+        self.edm.loss.load_state_dict(ckpt["loss_head"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.emas.load_state_dict(ckpt["emas"])
+        self.t_img = ckpt["t_img"]
+        self.nonfinite.fill_(ckpt["nonfinite_steps"])
+        return True
+
+    def contents(self, epoch):
+        return dict(net=self.edm.net.state_dict(), loss_head=self.edm.loss.state_dict(), optimizer=self.opt.state_dict(),
+                    scaler=self.scaler.state_dict(), emas=self.emas.state_dict(), t_img=self.t_img, epoch=epoch,
+                    nonfinite_steps=self.nonfinite_steps, config=dump(self.cfg))
+
+    def save(self, outdir, epoch):
+        """OUTDIR/checkpoints/epoch_<epoch>.pt; the oldest beyond train.keep_checkpoints are removed, and so are the
+        mid-epoch checkpoints it supersedes. Returns its path."""
+        path = checkpoint_path(outdir, epoch)
+        atomic_save(self.contents(epoch), path)
+        keep = self.cfg["train"]["keep_checkpoints"]
+        if keep:
+            for _, old in list_checkpoints(outdir)[:-keep]:
+                remove(old)
+        for t, old in list_resume_checkpoints(outdir):
+            if t <= self.t_img:
+                remove(old)
+        return path
+
+    def save_resume(self, outdir, epoch):
+        """OUTDIR/checkpoints/resume_<images>.pt, a checkpoint between epochs (time-based or on a signal); only the
+        newest is kept. sample.py and probe.py use the per-epoch ones. Returns its path."""
+        path = resume_path(outdir, self.t_img)
+        atomic_save(self.contents(epoch), path)
+        for t, old in list_resume_checkpoints(outdir):
+            if t < self.t_img:
+                remove(old)
+        return path
