@@ -6,8 +6,9 @@ PY     := $(VENV)/bin/python
 RUN    := runs/demo
 CMP    := runs/compare-demo
 GUIDE  := runs/guidance-demo
+AUG    := runs/augment-demo
 
-.PHONY: test demo compare-demo guidance-demo clean-demo
+.PHONY: test demo compare-demo guidance-demo augment-demo clean-demo
 
 $(VENV)/.installed: requirements-lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,5 +62,23 @@ guidance-demo: $(VENV)/.installed
 	$(PY) -m tools.guidance_sweep --outdir $(GUIDE)/E-cond --weights $(GUIDE_WEIGHTS)
 	$(PY) -m tools.guidance_sweep --outdir $(GUIDE)/E-cond --weights $(GUIDE_WEIGHTS) --guide $(GUIDE)/E-cond:5
 
+# Non-leaky augmentation against memorisation on digits (docs/AUGMENTATION.md): Config E trained AUG_EPOCHS epochs at
+# each augment.p of AUG_PS with two training seeds, a validation loss and quality curve every AUG_EVERY epochs, 1,000
+# samples scored at every AUG_SCORE epochs; tools/compare.py's replicates table averages the seeds.
+AUG_EPOCHS := 100
+AUG_EVERY  := 5
+AUG_SCORE  := 20
+AUG_PS     := 0 0.12 0.25
+augment-demo: $(VENV)/.installed
+	for p in $(AUG_PS); do for s in 0 1; do \
+	  $(PY) train.py --config config/digits/E-augment.yaml --outdir $(AUG)/p$$p-seed$$s augment.p=$$p train.seed=$$s \
+	    train.epochs=$(AUG_EPOCHS) train.eval_epochs=$(AUG_EVERY) train.checkpoint_epochs=$(AUG_SCORE) train.keep_checkpoints=0 \
+	    train.grid_epochs=$(AUG_SCORE) && \
+	  for e in $$(seq $(AUG_SCORE) $(AUG_SCORE) $(AUG_EPOCHS)); do \
+	    $(PY) sample.py --outdir $(AUG)/p$$p-seed$$s --epoch $$e --seeds 0-999 --score || exit 1; \
+	  done || exit 1; \
+	done; done
+	$(PY) -m tools.compare $(AUG)/p*-seed* --out $(AUG)/compare
+
 clean-demo:
-	rm -rf $(RUN) $(CMP) $(GUIDE)
+	rm -rf $(RUN) $(CMP) $(GUIDE) $(AUG)

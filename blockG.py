@@ -12,6 +12,7 @@ RES_BALANCE = 0.3     # mp_sum weight of the residual branch (paper step G).
 ATTN_BALANCE = 0.3    # mp_sum weight of the attention branch (paper step G).
 CONCAT_BALANCE = 0.5  # mp_cat weight of the decoder's skip connection (paper step G).
 LABEL_BALANCE = 0.5   # mp_sum weight of the class embedding against the noise embedding (paper step G).
+AUGMENT_BALANCE = 0.5 # mp_sum weight of the augmentation embedding against the Fourier features (G's way; the paper has none).
 
 #----------------------------------------------------------------------------
 # Noise-level embedding.

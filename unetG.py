@@ -4,7 +4,7 @@ learned output gain (G)."""
 import numpy as np
 import torch
 
-from blockG import CONCAT_BALANCE, LABEL_BALANCE, Block, Conv, Fourier
+from blockG import AUGMENT_BALANCE, CONCAT_BALANCE, LABEL_BALANCE, Block, Conv, Fourier
 from tools.mp import mp_cat, mp_silu, mp_sum
 
 
@@ -13,6 +13,7 @@ class UNet(torch.nn.Module):
         img_resolution,                     # Image resolution.
         img_channels,                       # Image channels.
         label_dim           = 0,            # Class label dimensionality. 0 = unconditional.
+        augment_dim         = 0,            # Augmentation vector dimensionality (tools/augment.py). 0 = no augmentation.
         model_channels      = 128,          # Base multiplier for the number of channels.
         channel_mult        = (1, 2, 2, 2), # Per-resolution multipliers for the number of channels.
         noise_channels      = None,         # Noise embedding (Fourier) channels. None = model_channels.
@@ -30,12 +31,14 @@ class UNet(torch.nn.Module):
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
+        self.augment_dim = augment_dim
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
 
         # Embedding.
         self.emb_fourier = Fourier(cnoise)
         self.emb_noise = Conv(cnoise, cemb)
         self.emb_label = Conv(label_dim, cemb) if label_dim else None
+        self.emb_augment = Conv(augment_dim, cnoise) if augment_dim else None
 
         # Encoder.
         self.enc = torch.nn.ModuleDict()
@@ -68,9 +71,13 @@ class UNet(torch.nn.Module):
         for salt, block in enumerate(m for m in self.modules() if isinstance(m, Block)):
             block.dropout_salt = salt
 
-    def forward(self, x, noise_labels, class_labels=None, dropout_keys=None):
+    def forward(self, x, noise_labels, class_labels=None, dropout_keys=None, augment_labels=None):
         # Embedding.
-        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        emb = self.emb_fourier(noise_labels)
+        if self.emb_augment is not None:  # what was done to the image; zeros (nothing) unless training augmented it
+            a = augment_labels if augment_labels is not None else emb.new_zeros(len(emb), self.augment_dim)
+            emb = mp_sum(emb, self.emb_augment(a), t=AUGMENT_BALANCE)
+        emb = self.emb_noise(emb)
         if self.emb_label is not None:
             emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=LABEL_BALANCE)
         emb = mp_silu(emb)

@@ -1,8 +1,29 @@
-"""tools/batches.py: the training set and this rank's share of each batch; a config that cannot feed the network ends in one line."""
+"""tools/batches.py: the training set and this rank's share of each batch, with non-leaky augmentation: p = 0 is the
+run without it bit for bit, augmented runs resume exactly and do not depend on the rank count, everything after
+training tells the network that nothing was done; a config that cannot feed the network ends in one line."""
 
+import contextlib
+import json
 import os
+import shutil
+import subprocess
+import sys
 
-from conftest import COND, run_script
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import COND, DIGITS, ROOT, assert_one_line_exit_2, run_script
+from tools.augment import AUGMENT_DIM
+from tools.batches import Batches
+from tools.config import build_edm, load_config
+from tools.data import load_dataset
+from tools.edm import Denoiser
+from tools.evaluation import Evaluator
+from tools.generate import sample_seeds
+from tools.probe_features import extract_features
+from tools.runs import load_net, resolve
 
 
 def test_too_few_label_dims_for_the_classes_is_one_line(tmp_path):
@@ -10,3 +31,120 @@ def test_too_few_label_dims_for_the_classes_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "set network.label_dim=10" in lines[0], proc.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------------- augmentation
+
+# 5 steps per epoch, dropout on: augmentation draws and dropout masks must both follow the sample.
+FAST = ["network.model_channels=8", "network.dropout=0.1", "train.batch_size=256", "train.eval_epochs=0", "train.log_steps=1",
+        "ema.snapshot_epochs=1", "train.checkpoint_epochs=1", "train.grid_epochs=2"]
+AUGMENTED = ["augment.p=0.5"]
+
+
+def train(outdir, *overrides, check=True):
+    return run_script("train.py", "--config", DIGITS, "--outdir", str(outdir), *FAST, *overrides, check=check)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a, b, exact=True):
+    """Network, loss head and classic EMA equal: bit for bit, or to float round-off (another rank count sums the
+    gradients in another order)."""
+    for x, y in zip((a["net"], a["loss_head"], a["emas"]["classic"]), (b["net"], b["loss_head"], b["emas"]["classic"])):
+        assert x.keys() == y.keys()
+        for k in x:
+            if exact:
+                assert torch.equal(x[k], y[k]), k
+            else:
+                torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def augmented_run(tmp_path_factory):
+    """Digits E trained 2 epochs in one go with augment.p = 0.5."""
+    outdir = tmp_path_factory.mktemp("augmented")
+    train(outdir, *AUGMENTED, "train.epochs=2")
+    return outdir
+
+
+def test_p_zero_trains_the_same_bits_as_no_augment_section(tmp_path):
+    """augment.p = 0 is off, whatever the other augment keys say: no draws, no extra layer, the same checkpoint."""
+    train(tmp_path / "plain", "train.epochs=1")
+    train(tmp_path / "off", "train.epochs=1", "augment.p=0", "augment.transforms=[rotate]", "augment.rotate_max=0.5")
+    a, b = (load(tmp_path / run / "checkpoints" / "epoch_1.pt") for run in ("plain", "off"))
+    assert_same_weights(a, b)
+
+
+def test_augmented_training_resumes_bit_exact_and_is_rank_independent(augmented_run, tmp_path):
+    train(tmp_path / "resumed", *AUGMENTED, "train.epochs=1")
+    train(tmp_path / "resumed", *AUGMENTED, "train.epochs=2")
+    one_go = load(augmented_run / "checkpoints" / "epoch_2.pt")
+    assert_same_weights(one_go, load(tmp_path / "resumed" / "checkpoints" / "epoch_2.pt"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523", "train.py",
+           "--config", DIGITS, "--outdir", str(tmp_path / "two"), *FAST, *AUGMENTED, "train.epochs=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(one_go, load(tmp_path / "two" / "checkpoints" / "epoch_2.pt"), exact=False)
+    rows = [json.loads(line) for line in open(augmented_run / "metrics.jsonl") if '"img_per_s"' in line]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl") if '"img_per_s"' in line]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in rows], rtol=1e-5)
+    assert [r["augmented_fraction"] for r in two] == [r["augmented_fraction"] for r in rows]
+
+
+def test_the_log_and_the_grid_show_the_augmentation(augmented_run):
+    """Seven transforms at p = 0.5: 1 - 0.5^7 of the images are touched (a few lose an integer shift of 0 px);
+    the grid adds a row of augmented training images under the 8 x 8 samples."""
+    rows = [json.loads(line) for line in open(augmented_run / "metrics.jsonl") if '"img_per_s"' in line]
+    touched = np.mean([r["augmented_fraction"] for r in rows])
+    assert abs(touched - (1 - 0.5 ** 7)) < 0.02, touched
+    grid = Image.open(augmented_run / "grids" / "epoch_2.png")
+    assert grid.size == (8 * 66 + 2, 9 * 66 + 2)
+
+
+def test_a_changed_augment_section_refuses_to_resume(augmented_run, tmp_path):
+    shutil.copytree(augmented_run, tmp_path / "run")
+    proc = train(tmp_path / "run", "augment.p=0.3", "train.epochs=3", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "holds a run with a different 'augment'" in lines[0], proc.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "epoch_3.pt").exists()
+
+
+def test_sampling_evaluation_and_probe_tell_the_network_nothing_was_done(augmented_run, tmp_path):
+    """Non-leaky by construction: a run trained with augmentation samples, is evaluated and is probed with the zero
+    vector, seen at the network's augmentation input, with no flag anywhere."""
+    cfg, outdir = resolve(None, str(augmented_run), ["sample.steps=3", "train.eval_epochs=1", "train.eval_images=16",
+                                                      "train.eval_samples=0"])
+    device = torch.device("cpu")
+    net, _ = load_net(cfg, outdir, None, "classic", device)
+    seen = []
+    net.emb_augment.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
+    denoiser = Denoiser(net, cfg["diffusion"]["sigma_data"])
+    sample_seeds(denoiser, cfg, [0, 1, 2], device)
+    edm = build_edm(cfg)
+    images, labels = load_dataset(cfg, "train")
+    Evaluator(cfg, images, labels, 0, 1, device).losses(denoiser, edm.loss, 0, contextlib.nullcontext)
+    extract_features(net, cfg["diffusion"]["sigma_data"], images[:4], 0.06, ["dec.8x8_block1"], torch.arange(4), 4)
+    assert len(seen) >= 5 + 6 + 1 and all(a.shape[1] == AUGMENT_DIM and not a.any() for a in seen)
+    # and during training the same input carries the vectors
+    batch = Batches(load_config(os.path.join(ROOT, DIGITS), [*FAST, *AUGMENTED]), 0, 1, device).batch(0)
+    assert batch[5].shape == (256, AUGMENT_DIM) and batch[5].any(1).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("override,message", [
+    ("augment.p=1.5", "augment.p must be in [0, 1], got 1.5"),
+    ("augment.p=-0.1", "augment.p must be in [0, 1], got -0.1"),
+    ("augment.transforms=[twirl]", "augment.transforms must be a list of names from xflip"),
+    ("augment.rotate_max=2", "augment.rotate_max must be in [0, 1], got 2.0"),
+    ("augment.scale_iso_std=-1", "augment.scale_iso_std must be in [0, 1], got -1.0"),
+    ("augment.translate_int_max=0.6", "augment.translate_int_max must be in [0, 0.5], got 0.6"),
+    ("augment.translate_frac_std=-0.1", "augment.translate_frac_std must be in [0, 0.5], got -0.1"),
+    ("augment.scale_aniso_std=nan", "augment.scale_aniso_std must be in [0, 1], got nan"),
+    ("augment.scal_iso_std=0.1", "unknown key augment.scal_iso_std"),
+    ("network.augment_dim=11", "network.augment_dim follows augment.p"),
+])
+def test_bad_augment_values_are_one_line(tmp_path, override, message):
+    proc = train(tmp_path, override, check=False)
+    assert_one_line_exit_2(proc, message)
+    assert not (tmp_path / "checkpoints").exists()

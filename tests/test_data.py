@@ -13,6 +13,8 @@ from tools.cli import UserError
 from tools.config import load_config
 from tools.data import load_dataset
 
+from conftest import DIGITS, one_line_error
+
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "eel": (30, 30, 200)}
 
 
@@ -163,3 +165,14 @@ def test_concurrent_loads_decode_once(split_root, tmp_path, monkeypatch):
         t.join()
     assert len(calls) == 1 and len(results) == 4 and all(torch.equal(r, results[0]) for r in results)
     assert np.array_equal(results[0].numpy(), load_dataset(cfg, "train")[0].numpy())
+
+
+def test_max_images_cuts_the_training_split_only():
+    """data.max_images keeps the first N training images (the fixed shuffled order) and the whole held-out split."""
+    full = load_config(DIGITS)
+    small = load_config(DIGITS, ["data.max_images=300"])
+    train_full, labels_full = load_dataset(full, "train")
+    train, labels = load_dataset(small, "train")
+    assert torch.equal(train, train_full[:300]) and torch.equal(labels, labels_full[:300])
+    assert torch.equal(load_dataset(small, "test")[0], load_dataset(full, "test")[0])
+    assert "data.max_images" in one_line_error(load_config, DIGITS, ["data.max_images=-1"])

@@ -162,8 +162,8 @@ def test_inception_joins_the_curve_where_local_weights_exist(tmp_path):
     torch.save(inception.random_inception_state_dict(), weights)
     data = digits_folder(tmp_path / "data", 40, classes=True)
     run = tmp_path / "run"
-    proc = run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(run), *data, *FAST, f"data.cache={tmp_path / 'cache'}",
-                      "train.batch_size=20", "train.epochs=1", "train.eval_inception=true", env={"FID_INCEPTION_WEIGHTS": str(weights)})
+    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(run), *data, *FAST, f"data.cache={tmp_path / 'cache'}",
+                "train.batch_size=20", "train.epochs=1", "train.eval_inception=true", env={"FID_INCEPTION_WEIGHTS": str(weights)})
     (curve,) = rows_of(run, "curve")
     assert curve["FID_inception"] > 0 and curve["KID_inception_std"] > 0 and curve["FD_classifier"] > 0
     refs = [f for f in os.listdir(tmp_path / "cache" / "fid-refs") if f.endswith(".npz")]

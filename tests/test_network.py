@@ -7,6 +7,7 @@ import inspect
 import pytest
 import torch
 
+from tools.augment import AUGMENT_DIM
 from tools.config import build_edm, build_network, load_config
 from tools.data import load_dataset, to_float
 from tools.mp import force_weight_norm_
@@ -133,9 +134,11 @@ REFERENCE_COUNTS = [
 ]
 
 
-def count_parameters(path):
+def count_parameters(path, *overrides):
+    """The network's parameters; the shipped configs' augmentation layer is left out (augment.p=0) to compare with the
+    references, which have none."""
     with torch.device("meta"):
-        net = unet(path[-1], **EDM2_S) if path.startswith("EDM2-S") else build_network(load_config(path))
+        net = unet(path[-1], **EDM2_S) if path.startswith("EDM2-S") else build_network(load_config(path, ["augment.p=0", *overrides]))
     return sum(p.numel() for p in net.parameters())
 
 
@@ -150,6 +153,12 @@ def test_parameter_counts_exact():
     39,509,888 parameters at CIFAR and 277,045,056 at EDM2-S without its 768 x 1000 class embedding."""
     assert count_parameters("config/cifar10/C.yaml") == count_parameters("config/cifar10/E.yaml") == 39_509_888
     assert count_parameters("EDM2-S/C") == count_parameters("EDM2-S/E") == 277_045_056 + 768 * 1000
+
+
+@pytest.mark.parametrize("path", ["config/cifar10/C.yaml", "config/cifar10/E.yaml", "config/cifar10/G.yaml"])
+def test_augmentation_adds_one_bias_free_layer_into_the_noise_features(path):
+    """augment.p > 0 adds exactly the augmentation embedding: AUGMENT_DIM x noise channels (128) weights."""
+    assert count_parameters(path, "augment.p=0.12") - count_parameters(path) == AUGMENT_DIM * 128
 
 
 def test_parallel_files_share_names_and_signatures():

@@ -31,4 +31,4 @@ def test_missing_network_file_exits_2(tmp_path):
 
 def test_dry_run_prints_config_and_count():
     proc = run_script("train.py", "--config", "config/cifar10/G.yaml", "--dry-run")
-    assert "unet: unetG.py" in proc.stdout and "parameters: 39,542,685" in proc.stdout
+    assert "unet: unetG.py" in proc.stdout and "parameters: 39,544,093" in proc.stdout  # 39,542,685 + the augmentation layer

@@ -6,8 +6,9 @@ sliced by rank, so a run is the same for any number of ranks or micro-batches.
 
 import torch
 
+from tools.augment import Augment, step_generator
 from tools.cli import UserError
-from tools.data import load_dataset, to_float
+from tools.data import load_dataset, to_float, to_uint8
 from tools.schedule import epoch_order, step_draws
 
 
@@ -40,9 +41,11 @@ class Batches:
                             f"set network.label_dim={int(labels.max()) + 1}")
         self.epoch_img = self.steps_per_epoch * B
         self.perm, self.perm_epoch = None, -1
+        self.augment = Augment(**cfg["augment"]) if cfg["augment"]["p"] > 0 else None  # off: no draws at all
 
     def batch(self, step):
-        """(images y, sigma, noise, class labels or None, dropout keys) of this rank at `step`."""
+        """(images y, sigma, noise, class labels or None, dropout keys, augmentation vectors or None) of this rank at
+        `step`. The augmentation of each image is drawn for the global batch from (seed, step), like the rest."""
         B, D, data = self.batch_size, self.cfg["diffusion"], self.cfg["data"]
         epoch, pos = divmod(step, self.steps_per_epoch)
         if epoch != self.perm_epoch:
@@ -58,4 +61,14 @@ class Batches:
         if data["use_labels"]:
             keep = (drop >= self.cfg["train"]["label_dropout"]).to(torch.float32)[:, None]
             class_labels = torch.nn.functional.one_hot(self.labels[idx], self.label_dim).to(torch.float32) * keep
-        return y, sigma, noise, class_labels, keys
+        augment_labels = None
+        if self.augment is not None:
+            y, augment_labels = self.augment(y, self.augment.draw(B, step_generator(self.seed, step), self.device)[mine])
+        return y, sigma, noise, class_labels, keys, augment_labels
+
+    def augmented_examples(self, count, epoch):
+        """uint8 [count, C, H, W]: the first training images as the augmentation of `epoch`'s grid shows them (drawn
+        from (seed, 2^62 + epoch), apart from every training step's), for a person to see what training sees."""
+        y = to_float(self.images[:count])
+        y, _ = self.augment(y, self.augment.draw(count, step_generator(self.seed, 2 ** 62 + epoch), self.device))
+        return to_uint8(y)

@@ -58,7 +58,7 @@ def read_run(outdir):
     for _, path in numbered_files(outdir, "ema_sweep_epoch_", ".json"):
         with open(path) as f:
             sweeps += json.load(f)
-    row = dict(run=os.path.basename(os.path.normpath(outdir)), outdir=outdir, config=cfg["unet"][4:-3],
+    row = dict(run=os.path.basename(os.path.normpath(outdir)), outdir=outdir, cfg=cfg, config=cfg["unet"][4:-3],
                dataset=cfg["data"]["dataset"], params_M=params / 1e6, ema=cfg["sample"]["ema"],
                img_per_s=statistics.median(r["img_per_s"] for r in train_rows[1:] or train_rows) if train_rows else None,
                kimg=max((r["kimg"] for r in train_rows), default=0.0), quality=quality, sweeps=sweeps,
@@ -128,7 +128,73 @@ def table(rows):
                          f"{fmt(r['img_per_s'], '.0f')} | {r['kimg']:.1f} | " + " | ".join(cells) + f" | {probe} | {r.get('best_sigma_rel', '-')} |")
         lines.append("")
     lines += curves_table(rows)
+    lines += replicates_table(rows)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def flat_config(cfg):
+    """{'section.key': value} of a config, less what does not make the run another experiment (its seed, its place)
+    and what follows from other keys (network.augment_dim from augment.p)."""
+    out = {"unet": cfg["unet"]}
+    for section, keys in cfg.items():
+        if isinstance(keys, dict):
+            out.update({f"{section}.{k}": v for k, v in keys.items()
+                        if f"{section}.{k}" not in ("train.seed", "train.outdir", "network.augment_dim")})
+    return out
+
+
+def mean_std(values):
+    """'mean +- std' (std over replicates, ddof = 1) of numbers; '-' if none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def replicate_stats(r):
+    """The figures of one run that the replicates table averages."""
+    q, s, name = r.get("final_quality"), r["eval_summary"] or {}, None
+    out = {}
+    if q is not None:
+        name = fd_key(q)
+        own = [x for x in r["quality"] if x["ema"] == r["ema"] and x.get("guidance", 1) == 1 and x.get("classes", "mix") == "mix"
+               and x["count"] == q["count"]]
+        best = min(own, key=lambda x: x[name])
+        out.update(fd=q[name], kid=q["KID"], precision=q["precision"], recall=q["recall"], memorised=100 * q["memorised_fraction"],
+                   best_fd=best[name], best_fd_epoch=best["epoch"], fd_name=name, count=q["count"], epoch=q["epoch"])
+    if "final_gap_pct" in s:
+        lowest = min(r["evals"], key=lambda e: (e["val_loss"], e["kimg"]))
+        out.update(gap_pct=s["final_gap_pct"], lowest_val_epoch=lowest["epoch"])
+    return out
+
+
+def replicates_table(rows):
+    """Lines of the table of runs that differ only in train.seed: every figure as mean +- std over the seeds, the
+    setting named by the keys in which the groups differ. [] when no setting has two runs."""
+    groups = {}
+    for r in rows:
+        flat = flat_config(r["cfg"])
+        groups.setdefault(json.dumps(flat, sort_keys=True, default=str), (flat, []))[1].append(r)
+    groups = [g for g in groups.values() if len(g[1]) > 1]
+    if not groups:
+        return []
+    keys = sorted({k for flat, _ in groups for k in flat if len({json.dumps(f.get(k), default=str) for f, _ in groups}) > 1})
+    pm = lambda v, spec: "-" if v is None else f"{format(v[0], spec)} +- {format(v[1], spec)}"
+    lines = ["Replicates: runs that differ only in train.seed, each figure mean +- std over the seeds (final: the newest "
+             "scored epoch; best: the lowest FD of the run's scored epochs, at the same sample count).", "",
+             "| setting | seeds | final FD | KID | precision | recall | memorised % | best FD (epoch) | final gap % | lowest val loss at epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for flat, runs in groups:
+        stats = [replicate_stats(r) for r in runs]
+        col = lambda k: mean_std([x.get(k) for x in stats])
+        label = ", ".join(f"{k}={flat.get(k)}" for k in keys) or runs[0]["run"]
+        seeds = ", ".join(str(r["cfg"]["train"]["seed"]) for r in runs)
+        best = col("best_fd")
+        best_text = "-" if best is None else f"{pm(best, '.3f')} ({', '.join(str(x.get('best_fd_epoch')) for x in stats)})"
+        lines.append(f"| {label} | {seeds} | {pm(col('fd'), '.3f')} | {pm(col('kid'), '.4f')} | {pm(col('precision'), '.3f')} | "
+                     f"{pm(col('recall'), '.3f')} | {pm(col('memorised'), '.1f')} | {best_text} | {pm(col('gap_pct'), '+.1f')} | "
+                     f"{', '.join(str(x.get('lowest_val_epoch', '-')) for x in stats)} |")
+    return lines + [""]
 
 
 def curves_table(rows):

@@ -16,6 +16,7 @@ import os
 import torch
 import yaml
 
+from tools.augment import AUGMENT_DIM, STRENGTH_RANGES, STRENGTHS, TRANSFORMS
 from tools.cli import UserError
 from tools.data import DATASETS
 from tools.edm import EDM, LOSS_WEIGHTINGS
@@ -87,6 +88,8 @@ SCHEMA = {
         "cache": Key("./cache", "Derived files shared by runs: decoded image folders, FID statistics, dataset classifiers."),
         "xflip": Key(False, "Random horizontal flips during training (unconditioned, as in the small-data reference)."),
         "use_labels": Key(False, "Feed class labels to the network (needs network.label_dim)."),
+        "max_images": Key(0, "Train on the first N images of the training split (0 = all), to study small data; the "
+                             "held-out split is unchanged.", range=at_least(0)),
     },
     "diffusion": {
         "sigma_data": Key(0.5, "Std of the data (images in [-1, 1]).", range=above(0)),
@@ -95,9 +98,21 @@ SCHEMA = {
         "loss_weighting": Key("uncertainty", "uncertainty (learned, EDM2 eq. 21) | scaled (plain EDM).", choices=LOSS_WEIGHTINGS),
         "logvar_channels": Key(128, "Fourier features of the uncertainty head u(sigma).", range=at_least(1)),
     },
+    "augment": {
+        "p": Key(0.0, "Probability of each transform, per training image (non-leaky: the network is told what was done, "
+                      "sampling says nothing was); 0 = no augmentation.", range=Range(0, 1, hi_open=False)),
+        "transforms": Key(list(TRANSFORMS), "Transforms applied with probability p each (tools/augment.py): "
+                                            + ", ".join(TRANSFORMS) + ".", choices=TRANSFORMS),
+        **{k: Key(STRENGTHS[k], meaning, range=Range(*STRENGTH_RANGES[k], hi_open=False)) for k, meaning in (
+            ("translate_int_max", "Integer translation up to this fraction of the image size."),
+            ("scale_iso_std", "Std of log2 of the isotropic scale."),
+            ("rotate_max", "Rotation uniform in +-rotate_max * pi (1 = the full circle)."),
+            ("scale_aniso_std", "Std of log2 of the anisotropic stretch (along a random axis)."),
+            ("translate_frac_std", "Std of the fractional translation, as a fraction of the image size."))},
+    },
     "train": {
         "outdir": Key("runs/default", "Run directory: checkpoints/, snapshots/, logs, samples."),
-        "seed": Key(0, "Seeds weights, data order, noise levels, noise and dropout masks."),
+        "seed": Key(0, "Seeds weights, data order, noise levels, noise, dropout masks and augmentation."),
         "epochs": Key(2000, "Training length in passes over the dataset.", range=at_least(1)),
         "batch_size": Key(512, "Global batch, summed over ranks.", range=at_least(1)),
         "batch_gpu": Key(0, "Per-rank micro-batch; 0 = the whole per-rank batch (no accumulation).", range=at_least(0)),
@@ -178,12 +193,13 @@ NETWORK_KEYS = {
     "channel_mult": Key(None, "", each=at_least(1), length=(1, None)),
     "noise_channels": Key(None, "", range=at_least(1)),    # or None (= model_channels)
     "emb_channels": Key(None, "", range=at_least(1)),      # or None (= 4 * model_channels)
+    "augment_dim": Key(None, "", range=at_least(0)),       # follows augment.p: see _check_augment
     "num_blocks": Key(None, "", range=at_least(0)),
     "channels_per_head": Key(None, "", range=at_least(1)),
     "dropout": Key(None, "", range=UNIT),
 }
-INTEGER_NETWORK_KEYS = ("img_resolution", "img_channels", "noise_channels", "emb_channels")
-SECTIONS = ("data", "network", "diffusion", "train", "ema", "sample", "probe")
+INTEGER_NETWORK_KEYS = ("img_resolution", "img_channels", "noise_channels", "emb_channels", "augment_dim")
+SECTIONS = ("data", "network", "diffusion", "augment", "train", "ema", "sample", "probe")
 DEFAULTS = {"unet": "unetE.py", **{s: {k: key.default for k, key in keys.items()} for s, keys in SCHEMA.items()}}
 
 
@@ -229,8 +245,9 @@ def _check_value(key, where, value, section, values, names):
         allowed = value if isinstance(value, list) else [value]
         bad = [v for v in allowed if v not in key.choices]
         if bad:
-            raise UserError(f"{where} must be {'a list of ' if isinstance(value, list) else ''}one of "
-                            f"{', '.join(key.choices)}, got {bad[0]!r}")
+            if isinstance(value, list):
+                raise UserError(f"{where} must be a list of names from {', '.join(key.choices)}; {bad[0]!r} is not one")
+            raise UserError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}")
     if key.each is not None:
         fewest, most = key.length
         count = f"{fewest} numbers" if fewest == most else "a non-empty list of numbers" if fewest else "a list of numbers"
@@ -278,6 +295,23 @@ def _check_network(net):
         attn = net.get("attn_resolutions")
         if isinstance(attn, list) and any(a not in levels for a in attn):
             raise UserError(f"network.attn_resolutions must be among the UNet's resolutions {levels}, got {attn!r}")
+
+
+def _check_augment(cfg):
+    """The augmentation vector reaches the network exactly when training augments: network.augment_dim follows
+    augment.p (AUGMENT_DIM when p > 0, else 0; a value given by hand must agree), so a run can neither train on
+    augmented images without telling the network nor change its network when augmentation is off."""
+    net, p = cfg["network"], cfg["augment"]["p"]
+    wanted = AUGMENT_DIM if p > 0 else 0
+    if "augment_dim" not in net:
+        if wanted:
+            raise UserError(f"augment.p={p:g} needs a network with an augment_dim argument, which {cfg['unet']} lacks")
+        return
+    if net["augment_dim"] not in (None, 0, wanted) or (net["augment_dim"] and not wanted):
+        raise UserError(f"network.augment_dim follows augment.p (here {wanted}); leave it out of the config")
+    net["augment_dim"] = wanted
+    if wanted and not cfg["augment"]["transforms"]:
+        raise UserError("augment.transforms must name at least one transform when augment.p > 0")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -367,6 +401,7 @@ def validate(raw):
     if 0 < cfg["train"]["eval_samples"] < MIN_CURVE_SAMPLES:
         raise UserError(f"train.eval_samples must be 0 (no quality curve) or at least {MIN_CURVE_SAMPLES} "
                         f"(4 seed blocks of 10), got {cfg['train']['eval_samples']}")
+    _check_augment(cfg)
     return cfg
 
 

@@ -234,7 +234,8 @@ def _folder(cfg, split):
 
 
 def load_dataset(cfg, split="train"):
-    """(images uint8 [N, C, H, W], labels int64 [N]) for the config's dataset and split ('train' or 'test')."""
+    """(images uint8 [N, C, H, W], labels int64 [N]) for the config's dataset and split ('train' or 'test'); the
+    training split cut to its first data.max_images images when that is set."""
     name, root = cfg["data"]["dataset"], cfg["data"]["root"]
     resolution, channels = cfg["network"]["img_resolution"], cfg["network"]["img_channels"]
     if name == "digits":
@@ -248,4 +249,7 @@ def load_dataset(cfg, split="train"):
     if images.shape[1:] != (channels, resolution, resolution):
         raise UserError(f"{name} images are {tuple(images.shape[1:])} (C, H, W) but the network expects "
                         f"({channels}, {resolution}, {resolution}); set network.img_channels / img_resolution to match")
+    limit = cfg["data"].get("max_images", 0)
+    if split == "train" and limit:
+        images, labels = images[:limit], labels[:limit]
     return images, labels

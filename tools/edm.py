@@ -17,7 +17,9 @@ class Denoiser(torch.nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def forward(self, x, sigma, class_labels=None, dropout_keys=None):
+    def forward(self, x, sigma, class_labels=None, dropout_keys=None, augment_labels=None):
+        """D(x; sigma). augment_labels: what non-leaky augmentation did to each training image (tools/augment.py);
+        None (sampling, evaluation, the probe) is the zero vector, the un-augmented data."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).broadcast_to(x.shape[:1]).reshape(-1, 1, 1, 1)
         sd = self.sigma_data
@@ -25,7 +27,7 @@ class Denoiser(torch.nn.Module):
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
         c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
         c_noise = sigma.log().flatten() / 4
-        F_x = self.net(c_in * x, c_noise, class_labels, dropout_keys)
+        F_x = self.net(c_in * x, c_noise, class_labels, dropout_keys, augment_labels)
         return c_skip * x + c_out * F_x.to(torch.float32)
 
 
@@ -61,10 +63,10 @@ class EDMLoss(torch.nn.Module):
             features = np.sqrt(2) * torch.cos(c_noise.ger(self.logvar_freqs) + self.logvar_phases)
             return self.logvar_linear(features).flatten()
 
-    def forward(self, denoiser, images, sigma, noise, class_labels=None, dropout_keys=None):
+    def forward(self, denoiser, images, sigma, noise, class_labels=None, dropout_keys=None, augment_labels=None):
         """Per-sample loss, [N]: the mean over C*H*W of the weighted per-element loss."""
         sigma4 = sigma.reshape(-1, 1, 1, 1)
-        denoised = denoiser(images + noise * sigma4, sigma, class_labels, dropout_keys)
+        denoised = denoiser(images + noise * sigma4, sigma, class_labels, dropout_keys, augment_labels)
         weight = (sigma4 ** 2 + self.sigma_data ** 2) / (sigma4 * self.sigma_data) ** 2
         loss = (weight * (denoised - images) ** 2).mean(dim=(1, 2, 3))
         if self.weighting == "uncertainty":
@@ -85,6 +87,7 @@ class EDM(torch.nn.Module):
     def net(self):
         return self.denoiser.net
 
-    def forward(self, images, sigma, noise, class_labels=None, dropout_keys=None):
-        """Per-sample loss [N]; dropout_keys (int64 [N], tools.schedule.step_draws) fix the dropout masks."""
-        return self.loss(self.denoiser, images, sigma, noise, class_labels, dropout_keys)
+    def forward(self, images, sigma, noise, class_labels=None, dropout_keys=None, augment_labels=None):
+        """Per-sample loss [N]; dropout_keys (int64 [N], tools.schedule.step_draws) fix the dropout masks;
+        augment_labels are the augmentation vectors of augmented images (tools/batches.py)."""
+        return self.loss(self.denoiser, images, sigma, noise, class_labels, dropout_keys, augment_labels)

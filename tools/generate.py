@@ -60,14 +60,17 @@ def grid_layout(label_dim, num=PREVIEW_IMAGES):
     return [r % label_dim for r in range(rows) for _ in range(cols)], cols
 
 
-def training_grid(net, cfg, device, num=PREVIEW_IMAGES):
-    """The picture (uint8 [C, H, W]) of net's samples from seeds 0, 1, ...: a row per class for a conditional network."""
+def training_grid(net, cfg, device, num=PREVIEW_IMAGES, examples=None):
+    """The picture (uint8 [C, H, W]) of net's samples from seeds 0, 1, ...: a row per class for a conditional network;
+    `examples` (uint8 images, e.g. augmented training images) are added as a last row."""
     was_training = net.training
     classes, cols = grid_layout(cfg["network"]["label_dim"], num)
     count = num if classes is None else len(classes)
-    x = sample_seeds(Denoiser(net.eval(), cfg["diffusion"]["sigma_data"]), cfg, range(count), device, classes)
+    x = to_uint8(sample_seeds(Denoiser(net.eval(), cfg["diffusion"]["sigma_data"]), cfg, range(count), device, classes)).cpu()
     net.train(was_training)
-    return image_grid(to_uint8(x).cpu(), nrow=cols)
+    if examples is not None:
+        x = torch.cat([x, examples[:cols].cpu()])
+    return image_grid(x, nrow=cols)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ class TrainingLog:
         self.buckets = SIGMA_BUCKETS.to(device)
         self.acc = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, samples, grad-norm sum of finite steps
         self.acc_bucket = torch.zeros(2, len(self.buckets) + 1, device=device, dtype=torch.float64)  # loss sum, count per bucket
+        self.acc_augment = torch.zeros(2, device=device, dtype=torch.float64)  # images augmented, images seen
         self.t_log, self.step_log = time.time(), step
         self.writer, self.path = None, os.path.join(outdir, "metrics.jsonl")
         self.written = set()  # row_key of the rows in metrics.jsonl that a resumed run must not write twice
@@ -67,6 +68,11 @@ class TrainingLog:
         self.acc_bucket[0].index_add_(0, b, loss)
         self.acc_bucket[1].index_add_(0, b, torch.ones_like(loss))
 
+    def add_augmented(self, vectors):
+        """The augmentation vectors of one step's images (zero: left as they were)."""
+        self.acc_augment[0] += vectors.ne(0).any(1).sum()
+        self.acc_augment[1] += len(vectors)
+
     def add_step(self, grad_norm, finite):
         self.acc[2] += torch.where(finite, grad_norm, 0)
 
@@ -76,25 +82,30 @@ class TrainingLog:
         T, t_img = self.cfg["train"], state.t_img
         dist.all_reduce_sum(self.acc)
         dist.all_reduce_sum(self.acc_bucket)
-        a, ab = self.acc.tolist(), self.acc_bucket.tolist()
+        dist.all_reduce_sum(self.acc_augment)
+        a, ab, aug = self.acc.tolist(), self.acc_bucket.tolist(), self.acc_augment.tolist()
         n_steps = max(step - self.step_log, 1)
         row = dict(step=step, kimg=t_img / 1000, epoch=t_img / self.epoch_img, loss=a[0] / max(a[1], 1),
                    lr=state.opt.param_groups[0]["lr"], grad_norm=a[2] / self.world / n_steps, nonfinite_steps=state.nonfinite_steps,
                    img_per_s=(step - self.step_log) * T["batch_size"] / max(time.time() - self.t_log, 1e-9))
         row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+        if aug[1]:
+            row["augmented_fraction"] = aug[0] / aug[1]
         if self.rank == 0:
             self._tensorboard(row, ab, state)
             self.write(row)
         self.acc.zero_()
         self.acc_bucket.zero_()
+        self.acc_augment.zero_()
         self.t_log, self.step_log = time.time(), step
         return row
 
     def _tensorboard(self, row, by_bucket, state):
         writer, buckets, t_img = self.writer, self.buckets.tolist(), state.t_img
-        for k in ("loss", "lr", "grad_norm", "img_per_s", "peak_mem_gib", "nonfinite_steps"):
-            writer.add_scalar(f"train/{k}", row[k], t_img)
+        for k in ("loss", "lr", "grad_norm", "img_per_s", "peak_mem_gib", "nonfinite_steps", "augmented_fraction"):
+            if k in row:
+                writer.add_scalar(f"train/{k}", row[k], t_img)
         edges = [0.0, *buckets, float("inf")]
         for i, (s, c) in enumerate(zip(*by_bucket)):
             if c > 0:

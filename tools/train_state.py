@@ -11,14 +11,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tools.checkpoint import atomic_save, checkpoint_path, list_checkpoints, list_resume_checkpoints, load, remove, resume_path
 from tools.cli import UserError
-from tools.config import build_edm, dump
+from tools.config import build_edm, dump, validate
 from tools.ema import EMAs
 from tools.mp import force_weight_norm_
 from tools.precision import autocast
 
-RESUME_KEYS = ("unet", "network", "diffusion")  # sections that must match to resume a run
+RESUME_KEYS = ("unet", "network", "diffusion", "augment")  # sections that must match to resume a run
 RESUME_TRAIN_KEYS = ("seed", "batch_size")
 REQUIRED = ("net", "loss_head", "optimizer", "emas", "t_img", "config")  # what a checkpoint must hold to resume from
+
+
+def resolved(saved):
+    """A checkpoint's config as today's validation resolves it (keys added since filled with their defaults, so an
+    older run resumes), or as written if it no longer validates (then it differs, and resuming is refused)."""
+    try:
+        return validate(saved)
+    except UserError:
+        return saved
 
 
 class TrainState:
@@ -53,16 +62,19 @@ class TrainState:
         """One optimizer step on this rank's share of the global batch, in micro-batches of `micro` images;
         `model` is edm, or its DistributedDataParallel wrapper, which all-reduces on the last micro-batch.
         Non-finite gradients are zeroed (fp16: GradScaler skips the step instead)."""
-        y, sigma, noise, class_labels, keys = batch
+        y, sigma, noise, class_labels, keys, augment_labels = batch
         per_rank = len(y)
         for m in range(per_rank // micro):
             ms = slice(m * micro, (m + 1) * micro)
             last = (m + 1) * micro == per_rank
             sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
             with sync, autocast(self.device, self.cfg["train"]["precision"]):
-                loss = model(y[ms], sigma[ms], noise[ms], None if class_labels is None else class_labels[ms], keys[ms])
+                loss = model(y[ms], sigma[ms], noise[ms], None if class_labels is None else class_labels[ms], keys[ms],
+                             None if augment_labels is None else augment_labels[ms])
             self.scaler.scale(loss.sum() / per_rank).backward()
             log.add_losses(loss, sigma[ms])
+        if augment_labels is not None:
+            log.add_augmented(augment_labels)
 
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -128,7 +140,7 @@ class TrainState:
             raise UserError(f"no checkpoint in {outdir}/checkpoints could be loaded; move them away to start afresh")
         if ckpt is None:
             return False
-        saved = yaml.safe_load(ckpt["config"])
+        saved = resolved(yaml.safe_load(ckpt["config"]))
         for key in RESUME_KEYS:
             if self.cfg[key] != saved[key]:
                 raise UserError(f"{outdir} holds a run with a different '{key}'; resume with its config ({outdir}/config.yaml) "

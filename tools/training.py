@@ -19,7 +19,7 @@ from tools.checkpoint import atomic_write, read_jsonl, remove_stale_temp, write_
 from tools.cli import Stopped
 from tools.config import dump
 from tools.evaluation import Evaluator, summarize_curves, summary_lines
-from tools.generate import training_grid
+from tools.generate import PREVIEW_IMAGES, training_grid
 from tools.grid import save_picture
 from tools.log import progress, to_run_log
 from tools.runs import lock_for_training
@@ -91,7 +91,8 @@ class Run:
         """Grid, evaluation and checkpoint of an epoch, each at its cadence. Returns the checkpoint written, or None."""
         T, state = self.T, self.state
         if self.rank == 0 and T["grid_epochs"] and (epoch % T["grid_epochs"] == 0 or last):
-            picture = training_grid(state.emas.classic.ema_model, self.cfg, self.device)
+            examples = self.data.augmented_examples(PREVIEW_IMAGES, epoch) if self.data.augment else None  # what training sees
+            picture = training_grid(state.emas.classic.ema_model, self.cfg, self.device, examples=examples)
             self.log.add_image("samples/ema_classic", picture, state.t_img)
             save_picture(os.path.join(self.outdir, "grids", f"epoch_{epoch}.png"), picture)
         if self.evaluator.due(epoch, last):
