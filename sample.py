@@ -14,8 +14,12 @@ label_dim, or --class K; <out>.labels.json records the class of each seed, and -
 classifier's accuracy against it. --guidance W guides: classifier-free (the same network, label dropped),
 or autoguidance with --guide (Karras et al. 2024, arXiv 2406.02507), which unconditional runs can use too.
 
-Image k depends only on seed k and the weights (one generator per seed), not on the rank count or
-batch size. Interrupted runs continue where they stopped: existing PNGs are kept.
+Samplers (--sampler list shows each with its order and evaluations per step): the ODE solvers heun (the
+default), euler, dpmpp2m, lms, dpm2 and dpm_adaptive, and the stochastic euler_ancestral, dpm2_ancestral,
+dpmpp2s_ancestral, dpmpp2m_sde and dpmpp3m_sde (--eta: 1 the reverse-time SDE, 0 the ODE).
+
+Image k depends only on seed k and the weights (counter-based noise per seed), not on the rank count or
+batch size. Interrupted runs continue where they stopped: the images their completion records list are kept.
 """
 
 import argparse
@@ -26,9 +30,9 @@ from tools.config import check_ranges
 from tools.generate import Scoring, generate, score
 from tools.log import to_run_log
 from tools.runs import resolve
-from tools.sampler import SAMPLERS
+from tools.sampler import SAMPLER_INFO, SAMPLERS
 
-STOCHASTIC = ("S_churn", "S_min", "S_max", "S_noise")
+STOCHASTIC = ("S_churn", "S_min", "S_max", "S_noise", "eta", "rtol", "atol", "h_init")  # float flags of sample.* keys
 SAMPLE_FLAGS = ("ema", "steps", "sampler", "batch", *STOCHASTIC)  # flags that replace sample.* keys
 
 
@@ -40,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--ema", help="classic | online | sigma_rel=X (default: sample.ema of the config)")
     p.add_argument("--seeds", help="e.g. 0-49999 (default: 0 .. sample.num_images - 1)")
     p.add_argument("--steps", type=int, help="noise levels (heun: 2*steps - 1 network evaluations)")
-    p.add_argument("--sampler", choices=SAMPLERS)
+    p.add_argument("--sampler", metavar="NAME", help=f"{' | '.join(SAMPLERS)}; 'list' describes them")
     for k in STOCHASTIC:
         p.add_argument(f"--{k}", type=float)
     p.add_argument("--batch", type=int, help="images per rank per forward")
@@ -65,8 +69,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def sampler_table():
+    """The samplers with their order, evaluations per step and what they do, as --sampler list prints them."""
+    lines = [f"{'sampler':<18} {'order':>5} {'NFE/step':>8}  stochastic  description"]
+    for name, info in SAMPLER_INFO.items():
+        lines.append(f"{name:<18} {info.order:>5} {'adaptive' if info.nfe_per_step is None else info.nfe_per_step:>8}  "
+                     f"{'yes' if info.stochastic else 'no':<10}  {info.description}")
+    return "\n".join(lines + ["NFE of N steps: NFE/step x (N - 1) + 1 (the last step, to sigma = 0, is one evaluation)."])
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.sampler == "list":
+        print(sampler_table())
+        return
     if args.epoch is not None and args.epoch < 0:
         raise UserError(f"--epoch must be >= 0, got {args.epoch}")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None

@@ -73,3 +73,20 @@ def test_runs_that_differ_only_in_seed_are_averaged_as_replicates(tmp_path):
     assert cells[2] == "0, 1" and cells[3] == "5.000 +- 1.414" and cells[8] == "2.500 +- 0.707 (10, 10)"
     assert [c.strip() for c in by_setting["augment.p=0.1"].split("|")][3] == "2.000 +- 0.000"
     assert replicates_table([read_run(runs[0])]) == []  # one run per setting: no table
+
+
+def likelihood_row(epoch, bits, se, num_images=300, divergence="hutchinson-1"):
+    return dict(kind="likelihood", epoch=epoch, kimg=1.0, ema="classic", divergence=divergence, num_images=num_images,
+                bits_per_dim=bits, bits_per_dim_se=se)
+
+
+def test_bits_per_dim_column_shows_the_newest_likelihood_only_when_present(tmp_path):
+    plain = [fake_run(tmp_path, "p", "E", quality_row("p", 5.0, 0.2))]
+    assert "bits/dim" not in run_script("-m", "tools.compare", *plain, "--out", str(tmp_path / "c1")).stdout
+    runs = [fake_run(tmp_path, "a", "E", quality_row("a", 5.0, 0.2), likelihood_row(4, 2.5, 0.1), likelihood_row(10, 2.25, 0.05)),
+            fake_run(tmp_path, "b", "G", quality_row("b", 6.0, 0.2))]
+    lines = run_script("-m", "tools.compare", *runs, "--out", str(tmp_path / "c2")).stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| rank"))
+    a, b = (next(line for line in lines if line.startswith(f"| {k} | {n} |")) for k, n in (("1", "a"), ("2", "b")))
+    assert header.rstrip().endswith("bits/dim (held-out, +- se) |")
+    assert a.rstrip().endswith("| 2.2500 +- 0.0500 (n=300, hutchinson-1, epoch 10) |") and b.rstrip().endswith("| - |")

@@ -8,14 +8,15 @@ import torch
 
 from tools.augment import Augment, step_generator
 from tools.cli import UserError
-from tools.data import load_dataset, to_float, to_uint8
+from tools.data import to_float, to_uint8, trained_images
 from tools.schedule import epoch_order, step_draws
 
 
 class Batches:
-    """The training split held whole on `device`; batch(step) is this rank's share of the global batch of `step`."""
+    """The training images held whole on `device`; batch(step) is this rank's share of the global batch of `step`.
+    `data`: (uint8 images, labels) to use instead of the config's (tools/bench.py's random pixels)."""
 
-    def __init__(self, cfg, rank, world, device):
+    def __init__(self, cfg, rank, world, device, data=None):
         T = cfg["train"]
         self.cfg, self.device = cfg, device
         B = self.batch_size = T["batch_size"]
@@ -28,7 +29,7 @@ class Batches:
             raise UserError(f"the per-rank batch {self.per_rank} must be divisible by train.batch_gpu={self.micro}")
         self.mine = slice(rank * self.per_rank, (rank + 1) * self.per_rank)
 
-        images, labels = load_dataset(cfg, "train")
+        images, labels = trained_images(cfg) if data is None else data
         self.images, self.labels = images.to(device), labels.to(device)
         self.steps_per_epoch = len(self.images) // B
         if self.steps_per_epoch == 0:

@@ -26,7 +26,7 @@ import yaml
 
 from tools.checkpoint import atomic_write, numbered_files, read_jsonl
 from tools.cli import UserError, run_main
-from tools.config import parameter_count
+from tools.config import parameter_count, validate
 from tools.evaluation import summarize_curves
 from tools.linear_probe import read_probe_results
 from tools.plots import pyplot, save_figure
@@ -43,6 +43,13 @@ def probe_row(probes):
     return dict(best, std=100 * math.sqrt(p * (1 - p) / best["num_test"]), of=len(probes))
 
 
+def likelihood_row(rows, ema):
+    """The bits/dim of tools/likelihood.py to show: the newest epoch with the run's own EMA, its largest image count
+    (the Hutchinson estimate before the exact one at equal count, as the cheaper default); None if there is none."""
+    own = [r for r in rows if r["ema"] == ema] or rows
+    return max(own, key=lambda r: (r["epoch"], r["num_images"], r["divergence"] != "exact"), default=None)
+
+
 def read_run(outdir):
     """One table row: what the run is, how fast it trained, and its quality and probe figures."""
     cfg_path = os.path.join(outdir, "config.yaml")
@@ -50,6 +57,10 @@ def read_run(outdir):
         raise UserError(f"{outdir} is not a run directory (no config.yaml)")
     with open(cfg_path) as f:
         cfg = yaml.safe_load(f)
+    try:
+        cfg = validate(cfg)  # keys added since the run filled with their defaults, so that old and new runs compare alike
+    except UserError:
+        pass
     params = parameter_count(cfg)
     metrics = read_jsonl(os.path.join(outdir, "metrics.jsonl"))
     train_rows = [r for r in metrics if "img_per_s" in r]
@@ -71,6 +82,7 @@ def read_run(outdir):
     if own:
         row["final_quality"] = max(own, key=lambda q: (q["epoch"], q["count"]))
     row["probe"] = probe_row(row["probes"])
+    row["likelihood"] = likelihood_row([r for r in metrics if r.get("kind") == "likelihood"], row["ema"])
     scored = [s for s in sweeps if "fd" in s]
     if scored:
         best = min(scored, key=lambda s: s["fd"])
@@ -112,9 +124,11 @@ def table(rows):
             lines.append(f"Quality: {count} samples per run, mean +- std over {count // block} seed blocks of {block}; "
                          f"rank by {name}, ties within the combined spread.")
         ranks = rank([(r["final_quality"][kind[0]], r["final_quality"][kind[0] + "_std"]) for r in same]) if same else []
+        nll = any(r["likelihood"] for r in rows)  # a bits/dim column only where some run has one
         lines += ["", f"| rank | run | config | params | train img/s | kimg | {kind[0] if kind else 'FD'} | KID | precision | recall | "
-                  f"memorised % | requested-class acc % | probe test % (chosen on held-out train, of N) | best sigma_rel |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"memorised % | requested-class acc % | probe test % (chosen on held-out train, of N) | best sigma_rel |"
+                  + (" bits/dim (held-out, +- se) |" if nll else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if nll else "")]
         for r in sorted(rows, key=lambda r: int(ranks[same.index(r)].rstrip("=")) if r in same else 10 ** 9):
             q = r.get("final_quality") if r in same else None
             cells = ["-"] * 6 if q is None else [pm(q, kind[0], ".3f"), pm(q, "KID", ".4f"), pm(q, "precision", ".3f"),
@@ -125,11 +139,19 @@ def table(rows):
             probe = "-" if pr is None else (f"{pr['test_accuracy_pct']:.2f} +- {pr['std']:.2f} (n={pr['num_test']}; "
                                             f"{pr['block']} @ sigma={pr['sigma']:g}, {pr['ema']}, epoch {pr['epoch']}; of {pr['of']})")
             lines.append(f"| {ranks[same.index(r)] if r in same else '-'} | {r['run']} | {r['config']} | {r['params_M']:.2f}M | "
-                         f"{fmt(r['img_per_s'], '.0f')} | {r['kimg']:.1f} | " + " | ".join(cells) + f" | {probe} | {r.get('best_sigma_rel', '-')} |")
+                         f"{fmt(r['img_per_s'], '.0f')} | {r['kimg']:.1f} | " + " | ".join(cells) + f" | {probe} | {r.get('best_sigma_rel', '-')} |"
+                         + (f" {bits_cell(r['likelihood'])} |" if nll else ""))
         lines.append("")
     lines += curves_table(rows)
     lines += replicates_table(rows)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def bits_cell(row):
+    if row is None:
+        return "-"
+    return (f"{row['bits_per_dim']:.4f} +- {row['bits_per_dim_se']:.4f} (n={row['num_images']}, {row['divergence']}, "
+            f"epoch {row['epoch']})")
 
 
 def flat_config(cfg):
@@ -162,9 +184,9 @@ def replicate_stats(r):
         best = min(own, key=lambda x: x[name])
         out.update(fd=q[name], kid=q["KID"], precision=q["precision"], recall=q["recall"], memorised=100 * q["memorised_fraction"],
                    best_fd=best[name], best_fd_epoch=best["epoch"], fd_name=name, count=q["count"], epoch=q["epoch"])
-    if "final_gap_pct" in s:
+    if "final_gap" in s:
         lowest = min(r["evals"], key=lambda e: (e["val_loss"], e["kimg"]))
-        out.update(gap_pct=s["final_gap_pct"], lowest_val_epoch=lowest["epoch"])
+        out.update(gap=s["final_gap"], final_val=s["final_val_loss"], lowest_val=lowest["val_loss"], lowest_val_epoch=lowest["epoch"])
     return out
 
 
@@ -182,8 +204,9 @@ def replicates_table(rows):
     pm = lambda v, spec: "-" if v is None else f"{format(v[0], spec)} +- {format(v[1], spec)}"
     lines = ["Replicates: runs that differ only in train.seed, each figure mean +- std over the seeds (final: the newest "
              "scored epoch; best: the lowest FD of the run's scored epochs, at the same sample count).", "",
-             "| setting | seeds | final FD | KID | precision | recall | memorised % | best FD (epoch) | final gap % | lowest val loss at epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| setting | seeds | final FD | KID | precision | recall | memorised % | best FD (epoch) | final val loss | "
+             "lowest val loss (epoch) | final gap (val - train loss) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for flat, runs in groups:
         stats = [replicate_stats(r) for r in runs]
         col = lambda k: mean_std([x.get(k) for x in stats])
@@ -192,8 +215,9 @@ def replicates_table(rows):
         best = col("best_fd")
         best_text = "-" if best is None else f"{pm(best, '.3f')} ({', '.join(str(x.get('best_fd_epoch')) for x in stats)})"
         lines.append(f"| {label} | {seeds} | {pm(col('fd'), '.3f')} | {pm(col('kid'), '.4f')} | {pm(col('precision'), '.3f')} | "
-                     f"{pm(col('recall'), '.3f')} | {pm(col('memorised'), '.1f')} | {best_text} | {pm(col('gap_pct'), '+.1f')} | "
-                     f"{', '.join(str(x.get('lowest_val_epoch', '-')) for x in stats)} |")
+                     f"{pm(col('recall'), '.3f')} | {pm(col('memorised'), '.1f')} | {best_text} | {pm(col('final_val'), '.4f')} | "
+                     f"{pm(col('lowest_val'), '.4f')} ({', '.join(str(x.get('lowest_val_epoch', '-')) for x in stats)}) | "
+                     f"{pm(col('gap'), '+.4f')} |")
     return lines + [""]
 
 

@@ -234,8 +234,7 @@ def _folder(cfg, split):
 
 
 def load_dataset(cfg, split="train"):
-    """(images uint8 [N, C, H, W], labels int64 [N]) for the config's dataset and split ('train' or 'test'); the
-    training split cut to its first data.max_images images when that is set."""
+    """(images uint8 [N, C, H, W], labels int64 [N]) for the config's dataset and split ('train' or 'test'), whole."""
     name, root = cfg["data"]["dataset"], cfg["data"]["root"]
     resolution, channels = cfg["network"]["img_resolution"], cfg["network"]["img_channels"]
     if name == "digits":
@@ -249,7 +248,13 @@ def load_dataset(cfg, split="train"):
     if images.shape[1:] != (channels, resolution, resolution):
         raise UserError(f"{name} images are {tuple(images.shape[1:])} (C, H, W) but the network expects "
                         f"({channels}, {resolution}, {resolution}); set network.img_channels / img_resolution to match")
-    limit = cfg["data"].get("max_images", 0)
-    if split == "train" and limit:
-        images, labels = images[:limit], labels[:limit]
     return images, labels
+
+
+def trained_images(cfg):
+    """The images a run trains on: the training split, cut to its first data.max_images when that is set. The
+    metrics' references (the dataset classifier, the FD statistics, the probe) keep the whole split, so that
+    runs on different amounts of data are measured alike."""
+    images, labels = load_dataset(cfg, "train")
+    limit = cfg["data"].get("max_images", 0)
+    return (images[:limit], labels[:limit]) if limit else (images, labels)

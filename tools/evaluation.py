@@ -34,7 +34,7 @@ from tools import dist, fid, metrics
 from tools.checkpoint import load_epoch
 from tools.cli import UserError, run_main
 from tools.config import build_edm
-from tools.data import load_dataset, to_float, to_uint8
+from tools.data import load_dataset, to_float, to_uint8, trained_images
 from tools.edm import Denoiser
 from tools.generate import sample_seeds
 from tools.inception import WEIGHTS_FILE, find_inception_weights
@@ -230,7 +230,7 @@ def evaluate_checkpoint(cfg, outdir, device, epoch=None):
     edm = build_edm(cfg).to(device)
     edm.net.load_state_dict(ckpt["emas"]["classic"])
     edm.loss.load_state_dict(ckpt["loss_head"])
-    images, labels = load_dataset(cfg, "train")
+    images, labels = trained_images(cfg)
     evaluator = Evaluator(cfg, images, labels, dist.rank(), dist.world_size(), device)
     return evaluator(edm.net, edm.loss, ckpt["t_img"], ckpt["epoch"])
 

@@ -1,9 +1,11 @@
 """Generating images from a trained run: one PNG per seed, spread over ranks, then scored (sample.py, the sweeps).
 
 Image k depends only on seed k and the weights (tools/sampler.py SeedNoise), not on the rank count or the
-batch size; so does its class in a conditional run (seed_classes). A folder continues where an interrupted
-run stopped: existing PNGs are kept. Guidance wraps the denoiser: classifier-free (the same conditional
-network with the label dropped) or autoguidance by a weaker model (Karras et al. 2024, arXiv 2406.02507).
+batch size; so does its class in a conditional run (seed_classes). PNGs are written in the background while
+sampling goes on (tools/sample_writer.py); a folder continues where an interrupted run stopped, from the
+completion records of its writers: the images they list are kept. Guidance wraps the denoiser:
+classifier-free (the same conditional network with the label dropped) or autoguidance by a weaker model
+(Karras et al. 2024, arXiv 2406.02507).
 """
 
 import json
@@ -16,7 +18,7 @@ import torch
 from PIL import Image
 
 from tools import dist, fid, quality
-from tools.checkpoint import append_text, atomic_write, write_json
+from tools.checkpoint import append_text, write_json
 from tools.cli import UserError
 from tools.data import to_uint8
 from tools.edm import Denoiser
@@ -25,7 +27,8 @@ from tools.inception import find_inception_weights, inception_weights_or_none, w
 from tools.log import progress
 from tools.precision import autocast
 from tools.runs import load_net, resolve
-from tools.sampler import GuidedDenoiser, SeedNoise, one_hot, sample, sampler_kwargs, seed_classes
+from tools.sample_writer import SampleWriter, done_seeds, image_path
+from tools.sampler import SAMPLER_INFO, GuidedDenoiser, SeedNoise, one_hot, sample, sampler_kwargs, sampler_nfe, seed_classes
 
 PREVIEW_IMAGES = 64  # the first seeds' images in <out>.grid.png
 
@@ -39,12 +42,24 @@ def image_shape(cfg):
 
 
 @torch.no_grad()
-def sample_seeds(denoiser, cfg, seeds, device, classes=None):
+def sample_seeds(denoiser, cfg, seeds, device, classes=None, stats=None):
     """float32 images [len(seeds), C, H, W] in ~[-1, 1], image k from seed k, with the config's sampler in
-    sample.precision; `classes` (one per seed) for a conditional network."""
+    sample.precision; `classes` (one per seed) for a conditional network; `stats` as tools.sampler.sample fills it."""
     with autocast(device, cfg["sample"]["precision"]):
         return sample(denoiser, SeedNoise(seeds, device), image_shape(cfg), one_hot(classes, cfg["network"]["label_dim"], device),
-                      **sampler_kwargs(cfg["sample"]))
+                      **sampler_kwargs(cfg["sample"]), stats=stats)
+
+
+def sampler_tag(S):
+    """The sampler part of a sample folder's name: the sampler and what sets its path (steps, or dpm_adaptive's
+    tolerance; churn and a non-default eta where they apply), so that different settings never share a folder."""
+    info = SAMPLER_INFO[S["sampler"]]
+    tag = S["sampler"] + (f"-rtol{S['rtol']:g}" if info.nfe_per_step is None else str(S["steps"]))
+    if S["sampler"] in ("heun", "euler") and S["S_churn"] > 0:
+        tag += f"-churn{S['S_churn']:g}"
+    if info.stochastic and S["eta"] != 1:
+        tag += f"-eta{S['eta']:g}"
+    return tag
 
 
 def grid_layout(label_dim, num=PREVIEW_IMAGES):
@@ -75,16 +90,6 @@ def training_grid(net, cfg, device, num=PREVIEW_IMAGES, examples=None):
 
 # ----------------------------------------------------------------------------------------------------
 # Sample folders.
-
-def image_path(out, seed):
-    return os.path.join(out, f"{seed - seed % 1000:06d}", f"{seed:06d}.png")
-
-
-def save_png(array, path):
-    """Write atomically so an interrupted run never leaves a truncated PNG that counts as done."""
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
-
 
 def read_pngs(out, seeds):
     """uint8 [len(seeds), C, H, W] of the seeds' PNGs."""
@@ -198,6 +203,20 @@ def guided(cfg, denoiser, guidance, guide, guide_ema, device, compile=False):
     return denoiser, "", {}
 
 
+def measured_nfe(out, evaluations, images):
+    """The mean network evaluations per image of a folder whose sampler chooses its own steps: <out>.nfe.json holds
+    the sums of every run that sampled into it, this one's added. None if no image was ever counted."""
+    path = f"{out}.nfe.json"
+    total = {"evaluations": 0.0, "images": 0}
+    if os.path.exists(path):
+        with open(path) as f:
+            total = json.load(f)
+    if images:
+        total = {"evaluations": total["evaluations"] + evaluations, "images": total["images"] + int(images)}
+        write_json(path, total)
+    return total["evaluations"] / total["images"] if total["images"] else None
+
+
 def generate(cfg, outdir, seeds, device, epoch=None, out=None, class_index=None, guidance=1.0, guide=None, guide_ema=None,
              compile=False):
     """Sample the seeds not yet on disk with the run's network (weights sample.ema, sampler and schedule of the
@@ -211,32 +230,39 @@ def generate(cfg, outdir, seeds, device, epoch=None, out=None, class_index=None,
     denoiser, guide_tag, guide_run = guided(cfg, Denoiser(net, cfg["diffusion"]["sigma_data"]), guidance, guide, guide_ema,
                                             device, compile)
     K = cfg["network"]["label_dim"]
-    tag = f"epoch_{info['epoch']}-{S['ema'].replace('=', '')}-{S['sampler']}{S['steps']}"
+    tag = f"epoch_{info['epoch']}-{S['ema'].replace('=', '')}-{sampler_tag(S)}"
     tag += ("" if class_index is None else f"-class{class_index}") + guide_tag
     out = os.path.normpath(out or os.path.join(outdir, "samples", tag))
     if K:
         check_labels(out, seeds, seed_classes(seeds, K, class_index), write=rank == 0)
-    todo = [s for s in seeds[rank::world] if not os.path.exists(image_path(out, s))]
+    done = done_seeds(out, seeds)
+    todo = [s for s in seeds[rank::world] if s not in done]
     if rank == 0:
-        remaining = sum(not os.path.exists(image_path(out, s)) for s in seeds)
         what = "" if not K else (f", class {class_index}" if class_index is not None else f", classes seed mod {K}")
         what += "" if guidance == 1 else f", {'autoguidance' if guide else 'classifier-free guidance'} {guidance:g}"
         print(f"sampling {len(seeds)} images ({S['sampler']}, {S['steps']} steps, {S['ema']} weights, epoch {info['epoch']}{what}) "
-              f"into {out}; {remaining} to go", flush=True)
+              f"into {out}; {len(seeds) - len(done)} to go", flush=True)
     bar = progress(-(-len(todo) // S["batch"]), desc="sampling", unit="batch", enabled=rank == 0)
-    for i in range(0, len(todo), S["batch"]):
-        batch = todo[i:i + S["batch"]]
-        x = sample_seeds(denoiser, cfg, batch, device, seed_classes(batch, K, class_index))
-        for seed, img in zip(batch, to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()):
-            save_png(img, image_path(out, seed))
-        bar.update(1)
+    evaluations = torch.zeros(2, dtype=torch.float64, device=device)  # network evaluations per image: sum, images
+    with SampleWriter(out) as writer:
+        for i in range(0, len(todo), S["batch"]):
+            batch, stats = todo[i:i + S["batch"]], {}
+            x = sample_seeds(denoiser, cfg, batch, device, seed_classes(batch, K, class_index), stats)
+            for seed, img in zip(batch, to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()):
+                writer.write(seed, img)
+            evaluations += torch.stack([stats["image_nfe"].sum().to(evaluations), evaluations.new_tensor(len(batch))])
+            bar.update(1)
     bar.close()
+    dist.all_reduce_sum(evaluations)
     dist.barrier()
     if rank == 0:
         preview = write_preview(out, seeds)
         print(f"samples: {out}" + (f"\ngrid: {preview}" if preview else ""), flush=True)
-    run = dict(epoch=info["epoch"], kimg=info["t_img"] / 1000, ema=S["ema"], sampler=S["sampler"], steps=S["steps"], samples=out,
-               guidance=guidance, **guide_run)
+    nfe = sampler_nfe(S["sampler"], S["steps"])
+    if nfe is None:  # dpm_adaptive: the mean of what each image took, kept beside the folder across resumed runs
+        nfe = dist.on_rank0(measured_nfe, out, *evaluations.tolist())
+    run = dict(epoch=info["epoch"], kimg=info["t_img"] / 1000, ema=S["ema"], sampler=S["sampler"], steps=S["steps"], nfe=nfe,
+               samples=out, guidance=guidance, **guide_run)
     if K:
         run["classes"] = "mix" if class_index is None else class_index
     return out, run

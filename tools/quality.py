@@ -18,7 +18,7 @@ import torch
 from tools import fid, metrics
 from tools.classifier import load_or_train, outputs
 from tools.cli import UserError
-from tools.data import load_dataset
+from tools.data import load_dataset, trained_images
 from tools.grid import pairs_grid, save_picture
 from tools.inception import build_inception, features_of_images
 
@@ -81,7 +81,7 @@ class Scorer:
         self.model = build_extractor(cfg, self.extractor, device, inception_weights)
         self.mu_ref, self.sigma_ref, self.ref = reference(cfg, self.extractor, self.model, device, inception_weights, inception_ref)
         self.classifier = self.model if self.extractor == "classifier" else None
-        self.train, _ = load_dataset(cfg, "train")
+        self.train, _ = trained_images(cfg)
         self.train = self.train.to(device)
         try:
             heldout, _ = load_dataset(cfg, "test")

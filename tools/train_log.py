@@ -92,6 +92,8 @@ class TrainingLog:
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
         if aug[1]:
             row["augmented_fraction"] = aug[0] / aug[1]
+        if state.noise_scale is not None:
+            row.update(state.noise_scale.estimate())
         if self.rank == 0:
             self._tensorboard(row, ab, state)
             self.write(row)
@@ -103,8 +105,9 @@ class TrainingLog:
 
     def _tensorboard(self, row, by_bucket, state):
         writer, buckets, t_img = self.writer, self.buckets.tolist(), state.t_img
-        for k in ("loss", "lr", "grad_norm", "img_per_s", "peak_mem_gib", "nonfinite_steps", "augmented_fraction"):
-            if k in row:
+        for k in ("loss", "lr", "grad_norm", "img_per_s", "peak_mem_gib", "nonfinite_steps", "augmented_fraction",
+                  "gns_b_simple", "gns_grad_sq", "gns_trace_sigma"):
+            if row.get(k) is not None:
                 writer.add_scalar(f"train/{k}", row[k], t_img)
         edges = [0.0, *buckets, float("inf")]
         for i, (s, c) in enumerate(zip(*by_bucket)):

@@ -13,6 +13,7 @@ from tools.checkpoint import atomic_save, checkpoint_path, list_checkpoints, lis
 from tools.cli import UserError
 from tools.config import build_edm, dump, validate
 from tools.ema import EMAs
+from tools.gns import NoiseScale
 from tools.mp import force_weight_norm_
 from tools.precision import autocast
 
@@ -40,7 +41,9 @@ class TrainState:
         torch.manual_seed(T["seed"])  # the network's initialisation
         self.edm = build_edm(cfg).to(device)
         force_weight_norm_(self.edm)
-        self.opt = torch.optim.Adam(self.edm.parameters(), lr=T["lr"], betas=tuple(T["betas"]), eps=T["eps"])
+        # Fused Adam: one kernel over all parameters on CPU and CUDA alike, instead of a loop over them
+        # (docs/PERFORMANCE.md compares the implementations).
+        self.opt = torch.optim.Adam(self.edm.parameters(), lr=T["lr"], betas=tuple(T["betas"]), eps=T["eps"], fused=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.fp16)
         self.emas = EMAs(self.edm.net, cfg["ema"])
         self.params = list(self.edm.parameters())
@@ -50,6 +53,13 @@ class TrainState:
         self.nonfinite = torch.zeros((), device=device, dtype=torch.int64)
         self.streak = torch.zeros((), device=device, dtype=torch.int64)
         self.longest_streak = torch.zeros((), device=device, dtype=torch.int64)
+        self.noise_scale = None  # the gradient noise scale, once track_noise_scale knows the micro-batches
+
+    def track_noise_scale(self, micro, per_rank):
+        """Estimate the gradient noise scale from the micro-batches of `micro` images in this rank's `per_rank`
+        (tools/gns.py), if train.gns is on; call before resume() so that its smoothing resumes too."""
+        if self.cfg["train"]["gns"]:
+            self.noise_scale = NoiseScale(self.params, micro, per_rank, self.cfg["train"]["batch_size"], self.device)
 
     @property
     def nonfinite_steps(self):
@@ -72,6 +82,8 @@ class TrainState:
                 loss = model(y[ms], sigma[ms], noise[ms], None if class_labels is None else class_labels[ms], keys[ms],
                              None if augment_labels is None else augment_labels[ms])
             self.scaler.scale(loss.sum() / per_rank).backward()
+            if self.noise_scale is not None:
+                self.noise_scale.end_micro_batch(self.scaler._scale if self.fp16 else None)  # _scale: the scale as a tensor (no sync)
             log.add_losses(loss, sigma[ms])
         if augment_labels is not None:
             log.add_augmented(augment_labels)
@@ -82,10 +94,12 @@ class TrainState:
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         finite = torch.isfinite(grad_norm)
-        if not self.fp16:
+        if self.noise_scale is not None:
+            self.noise_scale.end_step(grad_norm, finite)
+        if not self.fp16:  # one pass: a finite norm means every entry is finite, so only a non-finite step changes
+            zero = torch.zeros((), device=self.device, dtype=grads[0].dtype)
             for g in grads:
-                torch.nan_to_num_(g, nan=0, posinf=0, neginf=0)
-            torch._foreach_mul_(grads, finite.to(grads[0].dtype))
+                torch.where(finite, g, zero, out=g)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -155,12 +169,15 @@ class TrainState:
         self.emas.load_state_dict(ckpt["emas"])
         self.t_img = ckpt["t_img"]
         self.nonfinite.fill_(ckpt["nonfinite_steps"])
+        if self.noise_scale is not None:
+            self.noise_scale.load_state_dict(ckpt.get("gns"))
         return True
 
     def contents(self, epoch):
         return dict(net=self.edm.net.state_dict(), loss_head=self.edm.loss.state_dict(), optimizer=self.opt.state_dict(),
                     scaler=self.scaler.state_dict(), emas=self.emas.state_dict(), t_img=self.t_img, epoch=epoch,
-                    nonfinite_steps=self.nonfinite_steps, config=dump(self.cfg))
+                    nonfinite_steps=self.nonfinite_steps, config=dump(self.cfg),
+                    gns=None if self.noise_scale is None else self.noise_scale.state_dict())
 
     def save(self, outdir, epoch):
         """OUTDIR/checkpoints/epoch_<epoch>.pt; the oldest beyond train.keep_checkpoints are removed, and so are the

@@ -50,6 +50,7 @@ class Run:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.state = TrainState(cfg, device)
+        self.state.track_noise_scale(self.data.micro, self.data.per_rank)
         if self.state.resume(self.outdir, self.data.epoch_img):
             dist.print0(f"resumed {self.outdir} at epoch {self.epoch:g} ({self.state.t_img / 1000:.1f} kimg)")
         if self.rank == 0:
