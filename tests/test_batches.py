@@ -15,6 +15,7 @@ from PIL import Image
 from conftest import COND, DIGITS, ROOT, assert_one_line_exit_2, run_script
 from tools.augment import AUGMENT_DIM
 from tools.batches import Batches
+from tools.bench import NoLog
 from tools.cli import UserError
 from tools.config import build_edm, load_config
 from tools.data import load_dataset
@@ -22,8 +23,8 @@ from tools.edm import Denoiser
 from tools.evaluation import Evaluator
 from tools.generate import sample_seeds
 from tools.probe_features import extract_features
-from tools.train_state import TrainState
 from tools.runs import load_net, resolve
+from tools.train_state import TrainState
 
 
 def test_too_few_label_dims_for_the_classes_is_one_line(tmp_path):
@@ -39,17 +40,6 @@ def test_too_few_label_dims_for_the_classes_is_one_line(tmp_path):
 FAST = ["network.model_channels=8", "network.dropout=0.1", "train.batch_size=256", "train.eval_epochs=0", "train.log_steps=1",
         "ema.snapshot_epochs=1", "train.checkpoint_epochs=1", "train.grid_epochs=2"]
 AUGMENTED = ["augment.p=0.5"]
-
-
-class NoLog:
-    def add_losses(self, loss, sigma):
-        pass
-
-    def add_augmented(self, vectors):
-        pass
-
-    def add_step(self, grad_norm, finite):
-        pass
 
 
 def train(outdir, *overrides, check=True):
