@@ -201,7 +201,7 @@ def replicates_table(rows):
     if not groups:
         return []
     keys = sorted({k for flat, _ in groups for k in flat if len({json.dumps(f.get(k), default=str) for f, _ in groups}) > 1})
-    pm = lambda v, spec: "-" if v is None else f"{format(v[0], spec)} +- {format(v[1], spec)}"
+    pm = lambda v, spec: "-" if v is None else f"{format(v[0], spec)} +- {format(v[1], spec.lstrip('+'))}"  # a signed mean, a bare std
     lines = ["Replicates: runs that differ only in train.seed, each figure mean +- std over the seeds (final: the newest "
              "scored epoch; best: the lowest FD of the run's scored epochs, at the same sample count).", "",
              "| setting | seeds | final FD | KID | precision | recall | memorised % | best FD (epoch) | final val loss | "
