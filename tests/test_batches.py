@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,10 +97,26 @@ def test_augmented_training_resumes_bit_exact(augmented_run, tmp_path):
     assert_same_weights(one_go, load(tmp_path / "resumed" / "checkpoints" / "epoch_2.pt"))
 
 
+def test_two_ranks_train_what_one_does_with_augmentation(augmented_run, tmp_path):
+    """The same global batch over 2 gloo ranks, augmentation and dropout on: the same losses and augmented
+    fractions step by step, and the same weights up to the order in which the two ranks' gradients are summed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543", "train.py",
+           "--config", DIGITS, "--outdir", str(tmp_path), *FAST, *AUGMENTED, "train.epochs=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = lambda run: [json.loads(line) for line in open(run / "metrics.jsonl") if '"img_per_s"' in line]
+    one, two = rows(augmented_run), rows(tmp_path)
+    assert len(one) == len(two) == 10
+    assert [r["augmented_fraction"] for r in two] == [r["augmented_fraction"] for r in one]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
+    assert_same_weights(load(augmented_run / "checkpoints" / "epoch_2.pt"), load(tmp_path / "checkpoints" / "epoch_2.pt"),
+                        exact=False)
+
+
 def test_augmentation_follows_the_sample_not_the_rank():
     """Two ranks' shares of a step, put side by side, are the one-rank batch bit for bit: the augmented images, their
     vectors and the dropout keys (a two-rank run then differs from one rank only by the gradient sum's order, which
-    tests/test_training.py checks for the training loop)."""
+    the test above checks for the training loop)."""
     cfg = load_config(os.path.join(ROOT, DIGITS), [*FAST, *AUGMENTED])
     device = torch.device("cpu")
     one, two = Batches(cfg, 0, 1, device), [Batches(cfg, rank, 2, device) for rank in (0, 1)]

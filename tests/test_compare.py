@@ -8,7 +8,7 @@ from tools.config import dump, load_config
 
 def test_sweep_and_compare(three_ema_run, tmp_path):
     run_script("-m", "tools.ema_sweep", "--config", str(three_ema_run / "config.yaml"), "--outdir", str(three_ema_run),
-               "--sigma-rels", "0.05,0.15", "--num-images", "120")
+               "--sigma-rels", "0.05,0.15", "--num-images", "120", "sample.steps=6")
     rows = json.load(open(three_ema_run / "ema_sweep_epoch_6.json"))
     assert [r["sigma_rel"] for r in rows] == [0.05, 0.15]
     assert all(r["probe_acc"] > 30 for r in rows)  # 10 classes: chance is 10%

@@ -16,7 +16,7 @@ from tools import inception
 from tools.config import load_config
 from tools.data import load_dataset
 
-FAST = ["network.model_channels=8", "train.batch_size=256", "train.grid_epochs=0", "ema.snapshot_epochs=1",
+FAST = ["network.model_channels=8", "data.max_images=512", "train.batch_size=256", "train.grid_epochs=0", "ema.snapshot_epochs=1",
         "train.checkpoint_epochs=1", "train.epochs=2"]
 
 
@@ -60,8 +60,8 @@ def test_two_rank_pipeline(two_rank_run, metric_cache, tmp_path):
 
     proc = torchrun("-m", "tools.ema_sweep", "--outdir", run, "--sigma-rels", "0.1", "--num-images", "40", "sample.steps=4",
                     "probe.C_grid=[1.0]", cache, port=29534)
-    assert sorted(os.listdir(os.path.join(run, "posthoc"))) == ["sigma_rel-0.1000-000000002560.pt",
-                                                                "sigma_rel-0.1000-000000002560.pt.sha256"]  # built once, used twice
+    assert sorted(os.listdir(os.path.join(run, "posthoc"))) == ["sigma_rel-0.1000-000000001024.pt",
+                                                                "sigma_rel-0.1000-000000001024.pt.sha256"]  # built once, used twice
     sweep = json.load(open(os.path.join(run, "ema_sweep_epoch_2.json")))
     assert sweep[0]["sigma_rel"] == 0.1 and sweep[0]["fd"] > 0 and 0 <= sweep[0]["probe_acc"] <= 100
 
