@@ -57,20 +57,24 @@ def test_compare_ranks_with_ties_and_never_mixes_sample_counts(tmp_path):
 def test_runs_that_differ_only_in_seed_are_averaged_as_replicates(tmp_path):
     """Two seeds of each of two settings: the replicates table names the setting by the key that differs and gives
     each figure as mean +- std over the seeds (std with ddof = 1), the best FD over the scored epochs beside it."""
-    def run(name, p, seed, *fds):
+    def run(name, p, seed, *fds, gap=None):
         d = tmp_path / name
         d.mkdir()
         (d / "config.yaml").write_text(dump(load_config("config/digits/E.yaml", [f"augment.p={p}", f"train.seed={seed}"])))
         rows = [dict(quality_row(name, fd, 0.1), epoch=10 * (k + 1)) for k, fd in enumerate(fds)]
+        if gap is not None:  # a final validation loss of -0.1 at that gap over the training subset
+            rows.append(dict(kind="eval", epoch=20, kimg=28.2, val_loss=-0.1, train_loss=-0.1 - gap, gap=gap))
         (d / "metrics.jsonl").write_text("".join(json.dumps(q) + "\n" for q in rows))
         return str(d)
-    runs = [run("p0-s0", 0, 0, 3.0, 4.0), run("p0-s1", 0, 1, 2.0, 6.0), run("p1-s0", 0.1, 0, 3.0, 2.0), run("p1-s1", 0.1, 1, 3.0, 2.0)]
+    runs = [run("p0-s0", 0, 0, 3.0, 4.0, gap=0.1), run("p0-s1", 0, 1, 2.0, 6.0, gap=0.3), run("p1-s0", 0.1, 0, 3.0, 2.0),
+            run("p1-s1", 0.1, 1, 3.0, 2.0)]
     from tools.compare import read_run, replicates_table
     lines = replicates_table([read_run(r) for r in runs])
     by_setting = {line.split("|")[1].strip(): line for line in lines if line.startswith("| augment")}
     assert set(by_setting) == {"augment.p=0.0", "augment.p=0.1"}, lines
     cells = [c.strip() for c in by_setting["augment.p=0.0"].split("|")]
     assert cells[2] == "0, 1" and cells[3] == "5.000 +- 1.414" and cells[8] == "2.500 +- 0.707 (10, 10)"
+    assert cells[11] == "+0.2000 +- 0.1414"  # a signed mean gap, an unsigned spread
     assert [c.strip() for c in by_setting["augment.p=0.1"].split("|")][3] == "2.000 +- 0.000"
     assert replicates_table([read_run(runs[0])]) == []  # one run per setting: no table
 

@@ -122,7 +122,7 @@ def test_curves_continue_across_a_resume_without_repeats(tmp_path, metric_cache)
         assert [r["epoch"] for r in b] == [1, 2, 3]
         assert without_time(b) == without_time(a)  # bit-identical values: deterministic evaluation of bit-exact weights
     steps = [r["step"] for r in read_jsonl(two / "metrics.jsonl") if "img_per_s" in r]
-    assert steps == sorted(set(steps)) == list(range(1, 7))  # 2 steps an epoch  # training rows are not repeated either
+    assert steps == sorted(set(steps)) == list(range(1, 7))  # 2 steps an epoch, no training row repeated
     assert "KID" in rows_of(two, "curve")[0] and "memorised_fraction" in rows_of(two, "curve")[0]
 
     events = EventAccumulator(str(two / "tensorboard"))
