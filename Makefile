@@ -63,13 +63,13 @@ guidance-demo: $(VENV)/.installed
 	$(PY) -m tools.guidance_sweep --outdir $(GUIDE)/E-cond --weights $(GUIDE_WEIGHTS) --guide $(GUIDE)/E-cond:5
 
 # Non-leaky augmentation against memorisation on digits (docs/AUGMENTATION.md): Config E on 100 training images
-# (config/digits/E-augment.yaml: 500 epochs, a validation loss and quality curve every 50) at each augment.p of AUG_PS
-# with two training seeds, 1,000 samples of the final checkpoint scored; tools/compare.py's replicates table averages
-# the seeds. About 8 minutes a run on 2 CPU cores.
+# (config/digits/E-augment.yaml: 500 epochs, a validation loss and quality curve every 50) at each augment.p (and
+# augment.xflip) of AUG_PS with two training seeds, 1,000 samples of the final checkpoint scored; tools/compare.py's
+# replicates table averages the seeds. About 8 minutes a run on 2 CPU cores.
 AUG_PS := 0 0.12 0.3
 augment-demo: $(VENV)/.installed
 	for p in $(AUG_PS); do for s in 0 1; do \
-	  $(PY) train.py --config config/digits/E-augment.yaml --outdir $(AUG)/p$$p-seed$$s augment.p=$$p train.seed=$$s && \
+	  $(PY) train.py --config config/digits/E-augment.yaml --outdir $(AUG)/p$$p-seed$$s augment.p=$$p augment.xflip=$$p train.seed=$$s && \
 	  $(PY) sample.py --outdir $(AUG)/p$$p-seed$$s --seeds 0-999 --score || exit 1; \
 	done; done
 	$(PY) -m tools.compare $(AUG)/p*-seed* --out $(AUG)/compare

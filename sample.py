@@ -48,7 +48,7 @@ def parse_args(argv=None):
     for k in STOCHASTIC:
         p.add_argument(f"--{k}", type=float)
     p.add_argument("--batch", type=int, help="images per rank per forward")
-    p.add_argument("--out", help="output folder, PNGs only (default: OUTDIR/samples/epoch_<N>-<ema>-<sampler><steps>); "
+    p.add_argument("--out", help="output folder, PNGs only (default: OUTDIR/samples/epoch_<N>-<ema>-<sampler><steps>-<precision>); "
                    "the preview grid and the scores go beside it as <out>.grid.png, <out>.quality.json, <out>.fid.json")
     p.add_argument("--fid", metavar="REF.npz", help="Inception FID/KID against these reference statistics; 'auto' = the "
                    "config's training split, computed once (spread over the ranks) into DATA_CACHE/fid-refs/")

@@ -16,17 +16,17 @@ from tools.config import dump, load_config, parameter_count
 from tools.training import train
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config, e.g. config/cifar10/E.yaml")
     p.add_argument("--outdir", help="run directory (default: train.outdir of the config)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, then exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.epochs=2 train.batch_size=64")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.outdir:
         cfg["train"]["outdir"] = args.outdir

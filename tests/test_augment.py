@@ -79,7 +79,7 @@ def reflect(x, n):
 def test_flips_and_integer_translation_equal_numpy_reflect_indexing():
     N, C, H, W = 64, 2, 12, 16
     images = torch.rand(N, C, H, W) * 2 - 1
-    aug = Augment(0.6, ("xflip", "yflip", "translate_int"), translate_int_max=0.5)
+    aug = Augment(0.6, ("yflip", "translate_int"), xflip=0.6, translate_int_max=0.5)
     out, vectors = aug(images, aug.draw(N, step_generator(1, 2)))
     v = vectors.numpy()
     assert set(np.unique(v[:, :2])) == {0.0, 1.0} and np.abs(v[:, 4:]).max() == 0
@@ -236,18 +236,18 @@ def test_an_image_does_not_depend_on_its_batch():
     assert torch.equal(together[2:5], alone[picks]) and torch.equal(together_v[2:5], alone_v[picks])
 
 
-def test_each_transform_is_applied_with_probability_p():
-    N, p, size = 20000, 0.3, 32
-    aug = Augment(p)
+def test_each_transform_is_applied_with_probability_p_and_the_xflip_with_its_own():
+    N, p, q, size = 20000, 0.3, 0.5, 32
+    aug = Augment(p, xflip=q)
     vectors = aug.vectors(aug.draw(N, step_generator(11, 12)), (size, size))
     applied = {t: vectors[:, s].ne(0).any(1).double() for t, s in SLOTS.items()}
     # integer translation can round to (0, 0): P = (0.5 / (0.125 * 32))^2 = 1/64 for U(-4, 4) px per axis
-    rate = {t: p * (1 - 1 / 64) if t == "translate_int" else p for t in TRANSFORMS}
+    rate = {t: p * (1 - 1 / 64) if t == "translate_int" else q if t == "xflip" else p for t in TRANSFORMS}
     for t in TRANSFORMS:
         tolerance = 4 * math.sqrt(rate[t] * (1 - rate[t]) / N)
         assert abs(applied[t].mean().item() - rate[t]) < tolerance, t
     both = (applied["xflip"] * applied["rotate"]).mean().item()
-    assert abs(both - p * p) < 4 * math.sqrt(p * p / N)
+    assert abs(both - q * p) < 4 * math.sqrt(q * p / N)
     none = np.prod([1 - r for r in rate.values()])
     assert abs(applied_fraction(vectors) - (1 - none)) < 4 * math.sqrt(none * (1 - none) / N)
 
@@ -279,7 +279,9 @@ def test_draws_depend_on_seed_and_step_only():
     ({"p": 1.5}, "augment.p must be in [0, 1], got 1.5"),
     ({"p": float("nan")}, "augment.p must be in [0, 1], got nan"),
     ({"p": "0.1"}, "augment.p must be a number"),
-    ({"p": 0.1, "transforms": ["xflip", "spin"]}, "augment.transforms: unknown transform 'spin'"),
+    ({"p": 0.1, "transforms": ["yflip", "spin"]}, "augment.transforms: unknown transform 'spin'"),
+    ({"p": 0.1, "transforms": ["xflip", "yflip"]}, "the x-flip has a probability of its own, augment.xflip"),
+    ({"p": 0.1, "xflip": 1.5}, "augment.xflip must be in [0, 1], got 1.5"),
     ({"p": 0.1, "transforms": "xflip"}, "augment.transforms must be a list of names"),
     ({"p": 0.1, "rotate_max": -1}, "augment.rotate_max must be in [0, 1], got -1"),
     ({"p": 0.1, "scale_iso_std": -0.2}, "augment.scale_iso_std must be in [0, 1], got -0.2"),
@@ -296,7 +298,7 @@ def test_bad_settings_raise_a_one_line_user_error(kwargs, message):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
-    aug = Augment(1.0)
+    aug = Augment(1.0, xflip=0.5)
     images, draws = torch.rand(64, 3, 32, 32) * 2 - 1, aug.draw(64, step_generator(0, 1))
     cpu, cpu_v = aug(images, draws)
     gpu, gpu_v = aug(images.cuda(), draws)

@@ -41,7 +41,7 @@ def test_too_few_label_dims_for_the_classes_is_one_line(tmp_path):
 # 5 steps per epoch, dropout on: augmentation draws and dropout masks must both follow the sample.
 FAST = ["network.model_channels=8", "network.dropout=0.1", "train.batch_size=256", "train.eval_epochs=0", "train.log_steps=1",
         "ema.snapshot_epochs=1", "train.checkpoint_epochs=1", "train.grid_epochs=2"]
-AUGMENTED = ["augment.p=0.5"]
+AUGMENTED = ["augment.p=0.5", "augment.xflip=0.5"]
 
 
 def train(outdir, *overrides, check=True):
@@ -169,7 +169,9 @@ def test_sampling_evaluation_and_probe_tell_the_network_nothing_was_done(augment
 @pytest.mark.parametrize("override,message", [
     ("augment.p=1.5", "augment.p must be in [0, 1], got 1.5"),
     ("augment.p=-0.1", "augment.p must be in [0, 1], got -0.1"),
-    ("augment.transforms=[twirl]", "augment.transforms must be a list of names from xflip"),
+    ("augment.transforms=[twirl]", "augment.transforms: unknown transform 'twirl'"),
+    ("augment.transforms=[xflip]", "the x-flip has a probability of its own, augment.xflip"),
+    ("augment.xflip=2", "augment.xflip must be in [0, 1], got 2"),
     ("augment.rotate_max=2", "augment.rotate_max must be in [0, 1], got 2.0"),
     ("augment.scale_iso_std=-1", "augment.scale_iso_std must be in [0, 1], got -1.0"),
     ("augment.translate_int_max=0.6", "augment.translate_int_max must be in [0, 0.5], got 0.6"),

@@ -46,3 +46,26 @@ def _session_worker(rank, port, out):
                 f.write(repr(time.time()))
     with open(f"{out}.left{rank}", "w") as f:
         f.write(repr(time.time()))
+
+
+def test_waiting_for_rank0_outlasts_the_collective_timeout(tmp_path):
+    """Rank 0 works alone for longer than the process group's timeout (a dataset classifier, Inception statistics,
+    scoring 50k samples) while rank 1 waits for its result: the wait goes through the wait group (tools.dist.WAIT_TIMEOUT),
+    so it neither times out nor, under NCCL, trips the watchdog; the shared group still works afterwards."""
+    torch.multiprocessing.spawn(_slow_rank0_worker, args=(29543, str(tmp_path / "r")), nprocs=2)
+    assert [(tmp_path / f"r{rank}").read_text() for rank in (0, 1)] == ["42 2.0", "42 2.0"]
+
+
+def _slow_rank0_worker(rank, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import datetime
+    import time
+
+    from tools import dist
+    dist.TIMEOUT = datetime.timedelta(seconds=1)  # the shared collectives' timeout, made short
+    with dist.session():
+        value = dist.on_rank0(lambda: time.sleep(2.5) or 42)
+        dist.barrier()
+        total = dist.all_reduce_sum(torch.ones(1))
+        with open(f"{out}{rank}", "w") as f:
+            f.write(f"{value} {total.item()}")

@@ -52,7 +52,7 @@ def test_two_rank_pipeline(two_rank_run, metric_cache, tmp_path):
     run, cache = two_rank_run, f"data.cache={metric_cache}"
     proc = torchrun("sample.py", "--outdir", run, "--seeds", "0-79", "--steps", "4", "--score", "--score-blocks", "2", cache, port=29532)
     assert "quality (classifier): FD_classifier" in proc.stdout and "2 blocks of 40" in proc.stdout
-    samples = os.path.join(run, "samples", "epoch_2-classic-heun4")
+    samples = os.path.join(run, "samples", "epoch_2-classic-heun4-fp32")
     assert len(os.listdir(os.path.join(samples, "000000"))) == 80 and os.path.isfile(samples + ".quality.json")
 
     proc = torchrun("probe.py", "--outdir", run, "probe.C_grid=[1.0]", port=29533)

@@ -135,10 +135,11 @@ REFERENCE_COUNTS = [
 
 
 def count_parameters(path, *overrides):
-    """The network's parameters; the shipped configs' augmentation layer is left out (augment.p=0) to compare with the
+    """The network's parameters; the shipped configs' augmentation layer is left out (augment.p=0, xflip=0) to compare with the
     references, which have none."""
     with torch.device("meta"):
-        net = unet(path[-1], **EDM2_S) if path.startswith("EDM2-S") else build_network(load_config(path, ["augment.p=0", *overrides]))
+        no_augment = ["augment.p=0", "augment.xflip=0"]
+        net = unet(path[-1], **EDM2_S) if path.startswith("EDM2-S") else build_network(load_config(path, [*no_augment, *overrides]))
     return sum(p.numel() for p in net.parameters())
 
 

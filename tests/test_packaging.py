@@ -10,7 +10,8 @@ from conftest import ROOT
 
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "ema_pytorch": "ema-pytorch",
                 "pytorch_fid": "pytorch-fid"}
-LOCAL = {"tools", "conftest", "train", "sample", "probe"} | {f"{k}{c}" for k in ("block", "unet") for c in "CEG"}
+LOCAL = ({"tools", "train", "sample", "probe"} | {f"{k}{c}" for k in ("block", "unet") for c in "CEG"}
+         | {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "tests", "*.py"))})  # the tests' own helpers
 
 
 def imported(paths):

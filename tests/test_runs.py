@@ -35,6 +35,6 @@ def test_a_run_directory_with_glob_characters_trains_resumes_samples_and_probes(
     assert "resumed" in proc.stdout and os.path.isfile(os.path.join(run, "checkpoints", "epoch_5.pt"))
     assert len(list_snapshots(os.path.join(run, "snapshots"))) >= 5
     run_script("sample.py", "--outdir", run, "--seeds", "0-3", "--steps", "3", "--ema", "sigma_rel=0.08")
-    assert len(os.listdir(os.path.join(run, "samples", "epoch_5-sigma_rel0.08-heun3", "000000"))) == 4
+    assert len(os.listdir(os.path.join(run, "samples", "epoch_5-sigma_rel0.08-heun3-fp32", "000000"))) == 4
     proc = run_script("probe.py", "--outdir", run, "probe.C_grid=[1.0]")
     assert proc.stdout.startswith("test accuracy:") and read_probe_results(run)[0]["epoch"] == 5

@@ -64,3 +64,20 @@ def test_a_run_across_a_check_is_counted_whole(tmp_path):
 @pytest.mark.parametrize("limit", [1])
 def test_a_single_bad_step_with_limit_one_stops(tmp_path, limit):
     assert run_steps(tmp_path, {7}, 10, limit=limit)[0] == 10
+
+
+def test_a_run_resumes_in_another_precision_with_a_note(tmp_path, capsys):
+    """bf16 -> fp16 (whose GradScaler has state the bf16 checkpoint lacks) -> bf16: each goes on from the checkpoint."""
+    import train
+    run = str(tmp_path / "run")
+    args = ["--config", os.path.join(ROOT, DIGITS), "--outdir", run, "network.model_channels=8", "train.batch_size=256",
+            "data.max_images=256", "train.grid_epochs=0", "train.eval_epochs=0", "train.checkpoint_epochs=1", "train.gns=false"]
+    for epochs, precision in ((1, "bf16"), (2, "fp16"), (3, "bf16")):
+        capsys.readouterr()
+        train.main([*args, f"train.epochs={epochs}", f"train.precision={precision}"])
+        out = capsys.readouterr().out
+        assert f"done: {epochs * 256 / 1000:.1f} kimg" in out
+        if epochs > 1:
+            assert f"resumed {run} at epoch {epochs - 1}" in out and "trained in" in out and f"goes on in {precision}" in out
+    ckpt = torch.load(os.path.join(run, "checkpoints", "epoch_3.pt"), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["net"].values()) and ckpt["scaler"] == {}

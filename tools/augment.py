@@ -1,9 +1,11 @@
 """Non-leaky geometric augmentation for diffusion training (EDM, Karras et al. 2022, section 5 and appendix C).
 
-Each training image gets each enabled transform independently with probability p (a flip that is applied
-always flips; ADA's flips only half of those). The denoiser is conditioned on a vector that says what was
-done, and sampling passes the zero vector, so samples follow the un-augmented distribution however often
-the training images were transformed.
+Each training image gets each enabled transform independently with probability p, and the x-flip with a
+probability of its own, augment.xflip (a flip that is applied always flips; EDM and ADA gate a flip and then flip
+half of the gated images). EDM flips every image in x with probability 1/2 (its train.py passes xflip=1e8, so the
+gate is always open): augment.xflip = 0.5. Its y-flip at p flips p/2 of the images; here yflip at p flips p.
+The denoiser is conditioned on a vector that says what was done, and sampling passes the zero vector, so
+samples follow the un-augmented distribution however often the training images were transformed.
 
 Transforms, applied in this order (the order of StyleGAN2-ADA's geometric pipeline, Karras et al. 2020,
 appendix B), with x to the right (columns) and y down (rows):
@@ -18,9 +20,9 @@ appendix B), with x to the right (columns) and y down (rows):
   translate_frac    move the content by N(0, translate_frac_std^2) * size, per axis.
 The default strengths are StyleGAN2-ADA's (appendix B: integer translation up to 0.125 of the size, log2
 isotropic scale std 0.2, rotation over the full circle, log2 anisotropic scale std 0.2, fractional
-translation std 0.125 of the size), which EDM's augmentation reuses; EDM's train.py enables xflip, yflip,
-isotropic scale, rotation, anisotropic scale and fractional translation (no integer translation) and
-trains CIFAR-10 with augment probability 0.12.
+translation std 0.125 of the size), which EDM's augmentation reuses; EDM's train.py enables yflip,
+isotropic scale, rotation, anisotropic scale and fractional translation (no integer translation) at
+augment probability 0.12 for CIFAR-10, and the x-flip at 1/2.
 
 Borders: reflection about the centres of the border pixels (numpy's pad mode 'reflect': ... 2 1 | 0 1 2 ...)
 for every transform. Flips and integer translation are exact index operations (gathers); an image whose
@@ -73,7 +75,8 @@ import torch.nn.functional as F
 from tools.cli import UserError
 
 TRANSFORMS = ("xflip", "yflip", "translate_int", "scale_iso", "rotate", "scale_aniso", "translate_frac")
-EDM_TRANSFORMS = ("xflip", "yflip", "scale_iso", "rotate", "scale_aniso", "translate_frac")  # EDM's train.py set
+GATED = TRANSFORMS[1:]  # the transforms of augment.transforms, each with probability p; the x-flip has augment.xflip
+EDM_XFLIP = 0.5  # EDM's x-flip probability (xflip=1e8 opens its gate; a coin flips half the images)
 STRENGTHS = {"translate_int_max": 0.125, "scale_iso_std": 0.2, "rotate_max": 1.0, "scale_aniso_std": 0.2, "translate_frac_std": 0.125}
 STRENGTH_RANGES = {"translate_int_max": (0.0, 0.5), "scale_iso_std": (0.0, 1.0), "rotate_max": (0.0, 1.0),
                    "scale_aniso_std": (0.0, 1.0), "translate_frac_std": (0.0, 0.5)}
@@ -85,7 +88,7 @@ RESAMPLED = slice(4, 11)  # the slots of the transforms that need resampling
 DRAWS = {"xflip": slice(0, 1), "yflip": slice(1, 2), "translate_int": slice(2, 5), "scale_iso": slice(5, 7),
          "rotate": slice(7, 9), "scale_aniso": slice(9, 12), "translate_frac": slice(12, 15)}
 NUM_DRAWS = 15
-DEFAULTS = {"p": 0.0, "transforms": list(TRANSFORMS), **STRENGTHS}  # an `augment` config section, off by default
+DEFAULTS = {"p": 0.0, "xflip": 0.0, "transforms": list(GATED), **STRENGTHS}  # an `augment` config section, off by default
 
 
 def _halfband_taps(K=6, beta=4.0):
@@ -136,18 +139,27 @@ def _check_number(name, value, lo, hi):
 
 def _check_transforms(transforms):
     if not isinstance(transforms, (list, tuple)) or not all(isinstance(t, str) for t in transforms):
-        raise UserError(f"augment.transforms must be a list of names from {', '.join(TRANSFORMS)}; got {transforms!r}")
-    unknown = [t for t in transforms if t not in TRANSFORMS]
+        raise UserError(f"augment.transforms must be a list of names from {', '.join(GATED)}; got {transforms!r}")
+    if "xflip" in transforms:
+        raise UserError(f"augment.transforms: the x-flip has a probability of its own, augment.xflip ({EDM_XFLIP:g} flips "
+                        f"half the images, as EDM does); take xflip out of the list")
+    unknown = [t for t in transforms if t not in GATED]
     if unknown:
-        raise UserError(f"augment.transforms: unknown transform {unknown[0]!r}; known: {', '.join(TRANSFORMS)}")
-    return tuple(t for t in TRANSFORMS if t in transforms)
+        raise UserError(f"augment.transforms: unknown transform {unknown[0]!r}; known: {', '.join(GATED)}")
+    return tuple(t for t in GATED if t in transforms)
+
+
+def is_on(section):
+    """Whether an `augment` config section transforms any image (network.augment_dim follows this)."""
+    return section["xflip"] > 0 or (section["p"] > 0 and bool(section["transforms"]))
 
 
 class Augment:
     """The augmentation pipeline: Augment(p, transforms, **strengths)(images, draws) -> (images, vectors).
 
     p in [0, 1]: probability of each enabled transform, per image, independently. transforms: names from
-    TRANSFORMS. strengths (defaults in STRENGTHS, ranges in STRENGTH_RANGES; see the module docstring):
+    GATED. xflip in [0, 1]: probability of the x-flip. strengths (defaults in STRENGTHS, ranges in
+    STRENGTH_RANGES; see the module docstring):
       translate_int_max [0, 0.5]   integer translation up to this fraction of the size
       scale_iso_std [0, 1]         std of log2 of the isotropic scale
       rotate_max [0, 1]            rotation angle uniform in +-rotate_max * pi (1: the full circle)
@@ -155,11 +167,12 @@ class Augment:
       translate_frac_std [0, 0.5]  std of the fractional translation as a fraction of the size
     Bad values raise a one-line UserError naming augment.<key>."""
 
-    def __init__(self, p, transforms=TRANSFORMS, **strengths):
+    def __init__(self, p, transforms=GATED, xflip=0.0, **strengths):
         unknown = [k for k in strengths if k not in STRENGTHS]
         if unknown:
-            raise UserError(f"augment.{unknown[0]}: unknown key; allowed: p, transforms, {', '.join(STRENGTHS)}")
+            raise UserError(f"augment.{unknown[0]}: unknown key; allowed: p, xflip, transforms, {', '.join(STRENGTHS)}")
         self.p = _check_number("p", p, 0.0, 1.0)
+        self.xflip = _check_number("xflip", xflip, 0.0, 1.0)
         self.transforms = _check_transforms(transforms)
         self.strengths = {k: _check_number(k, strengths.get(k, d), *STRENGTH_RANGES[k]) for k, d in STRENGTHS.items()}
 
@@ -192,7 +205,8 @@ class Augment:
         """The vectors from float64 draws, by the distributions of the module docstring."""
         H, W = size
         u = {t: draws[:, s] for t, s in DRAWS.items()}
-        on = {t: (u[t][:, 0] < self.p) & (t in self.transforms) for t in TRANSFORMS}
+        probability = {t: self.p if t in self.transforms else 0.0 for t in GATED} | {"xflip": self.xflip}
+        on = {t: u[t][:, 0] < probability[t] for t in TRANSFORMS}  # u >= 0: probability 0 is never on
         st = self.strengths
         m = st["translate_int_max"]
         shift = torch.stack([((2 * u["translate_int"][:, 1] - 1) * m * W).round() / W,
@@ -215,11 +229,11 @@ class Augment:
     def __call__(self, images, draws):
         """(augmented images, float32 vectors [N, AUGMENT_DIM]) for images [N, C, H, W] in [-1, 1] and
         draws [N, NUM_DRAWS] (from draw(), sliced). Row i depends only on images[i] and draws[i]. Images
-        left unchanged are bit-exact copies; with p = 0 (or no transforms) the input tensor itself is returned."""
+        left unchanged are bit-exact copies; with augmentation off (is_on) the input tensor itself is returned."""
         N, C, H, W = images.shape
         if draws.shape != (N, NUM_DRAWS):
             raise ValueError(f"draws must have shape [{N}, {NUM_DRAWS}], got {list(draws.shape)}")
-        if self.p == 0 or not self.transforms:
+        if not is_on(dict(p=self.p, xflip=self.xflip, transforms=self.transforms)):
             return images, torch.zeros([N, AUGMENT_DIM], device=images.device)
         vec64, geometry = self._parameters(draws.to(images.device), (H, W))
         vectors = vec64.to(torch.float32)

@@ -6,7 +6,7 @@ sliced by rank, so a run is the same for any number of ranks or micro-batches.
 
 import torch
 
-from tools.augment import Augment, step_generator
+from tools.augment import Augment, is_on, step_generator
 from tools.cli import UserError
 from tools.data import to_float, to_uint8, trained_images
 from tools.schedule import epoch_order, step_draws
@@ -42,7 +42,7 @@ class Batches:
                             f"set network.label_dim={int(labels.max()) + 1}")
         self.epoch_img = self.steps_per_epoch * B
         self.perm, self.perm_epoch = None, -1
-        self.augment = Augment(**cfg["augment"]) if cfg["augment"]["p"] > 0 else None  # off: no draws at all
+        self.augment = Augment(**cfg["augment"]) if is_on(cfg["augment"]) else None  # off: no draws at all
 
     def batch(self, step):
         """(images y, sigma, noise, class labels or None, dropout keys, augmentation vectors or None) of this rank at
@@ -70,6 +70,6 @@ class Batches:
     def augmented_examples(self, count, epoch):
         """uint8 [count, C, H, W]: the first training images as the augmentation of `epoch`'s grid shows them (drawn
         from (seed, 2^62 + epoch), apart from every training step's), for a person to see what training sees."""
-        y = to_float(self.images[:count])
-        y, _ = self.augment(y, self.augment.draw(count, step_generator(self.seed, 2 ** 62 + epoch), self.device))
+        y = to_float(self.images[:count])  # a dataset may hold fewer
+        y, _ = self.augment(y, self.augment.draw(len(y), step_generator(self.seed, 2 ** 62 + epoch), self.device))
         return to_uint8(y)

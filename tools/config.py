@@ -16,7 +16,7 @@ import os
 import torch
 import yaml
 
-from tools.augment import AUGMENT_DIM, STRENGTH_RANGES, STRENGTHS, TRANSFORMS
+from tools.augment import AUGMENT_DIM, EDM_XFLIP, GATED, STRENGTH_RANGES, STRENGTHS, Augment, is_on
 from tools.cli import UserError
 from tools.data import DATASETS
 from tools.edm import EDM, LOSS_WEIGHTINGS
@@ -86,7 +86,8 @@ SCHEMA = {
         "dataset": Key("digits", "Dataset: " + " | ".join(DATASETS) + ".", choices=DATASETS),
         "root": Key("./data", "Where real datasets live (nothing is downloaded; never written to)."),
         "cache": Key("./cache", "Derived files shared by runs: decoded image folders, FID statistics, dataset classifiers."),
-        "xflip": Key(False, "Random horizontal flips during training (unconditioned, as in the small-data reference)."),
+        "xflip": Key(False, "Leaky horizontal flips: half the training images mirrored, the network not told (the small-data "
+                            "reference's way; augment.xflip is the non-leaky one)."),
         "use_labels": Key(False, "Feed class labels to the network (needs network.label_dim)."),
         "max_images": Key(0, "Train on the first N images of the training split (0 = all), to study small data; the "
                              "held-out split is unchanged.", range=at_least(0)),
@@ -100,9 +101,11 @@ SCHEMA = {
     },
     "augment": {
         "p": Key(0.0, "Probability of each transform, per training image (non-leaky: the network is told what was done, "
-                      "sampling says nothing was); 0 = no augmentation.", range=Range(0, 1, hi_open=False)),
-        "transforms": Key(list(TRANSFORMS), "Transforms applied with probability p each (tools/augment.py): "
-                                            + ", ".join(TRANSFORMS) + ".", choices=TRANSFORMS),
+                      "sampling says nothing was); 0 = none.", range=Range(0, 1, hi_open=False)),
+        "xflip": Key(0.0, f"Probability of the non-leaky x-flip, of its own (EDM: {EDM_XFLIP:g}, every image flipped with "
+                          f"probability 1/2 and the network told); 0 = none.", range=Range(0, 1, hi_open=False)),
+        "transforms": Key(list(GATED), "Transforms applied with probability p each (tools/augment.py): "
+                                       + ", ".join(GATED) + "."),
         **{k: Key(STRENGTHS[k], meaning, range=Range(*STRENGTH_RANGES[k], hi_open=False)) for k, meaning in (
             ("translate_int_max", "Integer translation up to this fraction of the image size."),
             ("scale_iso_std", "Std of log2 of the isotropic scale."),
@@ -121,9 +124,11 @@ SCHEMA = {
         "lr_ref_epochs": Key(400.0, "t_ref of the inverse-sqrt decay; 0 = constant after warm-up.", range=at_least(0)),
         "betas": Key([0.9, 0.99], "Adam betas (EDM2: beta2 = 0.99).", each=UNIT, length=(2, 2)),
         "eps": Key(1e-8, "Adam eps.", range=above(0)),
-        "precision": Key("bf16", "Autocast of training on GPU: " + " | ".join(PRECISIONS) + " (CPU always runs fp32).",
+        "precision": Key("bf16", "Autocast of training: " + " | ".join(PRECISIONS) + " (on CPUs too, where fp32 is fastest).",
                          choices=PRECISIONS),
         "compile": Key(False, "torch.compile the network."),
+        "deterministic": Key(False, "Deterministic GPU kernels (cuDNN, cuBLAS, attention): two runs, or a run and its resume, "
+                                    "give the same bits on the same GPU model and software; slower (docs/RELIABILITY.md)."),
         "gns": Key(True, "Log the gradient noise scale B_simple (tools/gns.py; needs train.batch_gpu < batch_size or 2+ ranks)."),
         "checkpoint_epochs": Key(50, "Checkpoint cadence (and at the end).", range=at_least(1)),
         "checkpoint_minutes": Key(30.0, "Also a resume checkpoint this often (minutes, mid-epoch too); 0 = only per epoch.",
@@ -167,7 +172,7 @@ SCHEMA = {
         "rtol": Key(0.05, "dpm_adaptive: relative error tolerance per step (Lu et al. 2022).", range=above(0)),
         "atol": Key(0.0078, "dpm_adaptive: absolute error tolerance per step (about one 8-bit level).", range=above(0)),
         "h_init": Key(0.05, "dpm_adaptive: first step in ln sigma.", range=above(0)),
-        "precision": Key("bf16", "Autocast of sampling on GPU (sample.py, training grids, the quality curve): "
+        "precision": Key("bf16", "Autocast of sampling (sample.py, training grids, the quality curve; part of a sample folder's name): "
                                  + " | ".join(PRECISIONS) + ".", choices=PRECISIONS),
         "batch": Key(256, "Images per rank per forward.", range=at_least(1)),
         "num_images": Key(50000, "Images for FID (seeds 0 .. num_images - 1).", range=at_least(1)),
@@ -184,7 +189,7 @@ SCHEMA = {
         "xflip": Key(False, "Add x-flipped training images' features."),
         "grid_sigmas": Key([0.01, 0.03, 0.06, 0.15, 0.3, 0.6], "Noise levels of probe.py --grid (with every block).",
                            each=above(0), length=(1, None)),
-        "precision": Key("bf16", "Autocast of feature extraction on GPU: " + " | ".join(PRECISIONS) + ".", choices=PRECISIONS),
+        "precision": Key("bf16", "Autocast of feature extraction: " + " | ".join(PRECISIONS) + ".", choices=PRECISIONS),
         "batch": Key(512, "Images per rank per forward during feature extraction.", range=at_least(1)),
     },
 }
@@ -305,19 +310,23 @@ def _check_network(net):
 
 def _check_augment(cfg):
     """The augmentation vector reaches the network exactly when training augments: network.augment_dim follows
-    augment.p (AUGMENT_DIM when p > 0, else 0; a value given by hand must agree), so a run can neither train on
-    augmented images without telling the network nor change its network when augmentation is off."""
-    net, p = cfg["network"], cfg["augment"]["p"]
-    wanted = AUGMENT_DIM if p > 0 else 0
+    augment.p and augment.xflip (AUGMENT_DIM when either transforms an image, else 0; a value given by hand must
+    agree), so a run can neither train on augmented images without telling the network nor change its network when
+    augmentation is off."""
+    net, a = cfg["network"], cfg["augment"]
+    Augment(**a)  # the transform names and strengths, in one line each
+    if a["p"] > 0 and not a["transforms"]:
+        raise UserError("augment.transforms must name at least one transform when augment.p > 0")
+    if a["xflip"] > 0 and cfg["data"]["xflip"]:
+        raise UserError("data.xflip (leaky) and augment.xflip (non-leaky) both flip images in x: set one of them")
+    wanted = AUGMENT_DIM if is_on(a) else 0
     if "augment_dim" not in net:
         if wanted:
-            raise UserError(f"augment.p={p:g} needs a network with an augment_dim argument, which {cfg['unet']} lacks")
+            raise UserError(f"augment.p / augment.xflip need a network with an augment_dim argument, which {cfg['unet']} lacks")
         return
     if net["augment_dim"] not in (None, 0, wanted) or (net["augment_dim"] and not wanted):
-        raise UserError(f"network.augment_dim follows augment.p (here {wanted}); leave it out of the config")
+        raise UserError(f"network.augment_dim follows augment.p and augment.xflip (here {wanted}); leave it out of the config")
     net["augment_dim"] = wanted
-    if wanted and not cfg["augment"]["transforms"]:
-        raise UserError("augment.transforms must name at least one transform when augment.p > 0")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -60,18 +61,60 @@ def _digits(split, resolution):
     return _resize_uint8(images[idx], resolution), labels[idx]
 
 
-def _cifar(name, root, split):
-    import torchvision  # lazy: torchvision costs seconds of start-up (it imports torch._dynamo), and only CIFAR needs it
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+CIFAR = {  # dataset -> (folder, training files, test files, label key, classes), as in the "python version" archives
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
+}
+
+
+class _NumpyOnly(pickle.Unpickler):
+    """An unpickler for the CIFAR files (Python 2 pickles of dicts, lists, strings and numpy arrays) that builds
+    numpy arrays and nothing else: a file that names any other callable is refused, not run."""
+
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+               ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0]}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR file never does")
+        return self.ALLOWED[module, name]
+
+
+def _cifar_file(path, label_key, num_classes):
+    """(images uint8 [N, 3, 32, 32], labels int64 [N]) of one CIFAR batch file; UserError naming the file and what is
+    wrong with it (missing, truncated, not a CIFAR batch)."""
     try:
-        ds = cls(root, train=(split == "train"), download=False)
-    except RuntimeError:
-        raise UserError(
-            f"{name} not found: extract the python version of the dataset so that {os.path.join(root, folder)} exists "
-            f"(or, with internet: python -c \"import torchvision; torchvision.datasets.{cls.__name__}('{root}', download=True)\")") from None
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    return images, torch.as_tensor(ds.targets, dtype=torch.int64)
+        with open(path, "rb") as f:
+            batch = _NumpyOnly(f, encoding="latin1").load()  # Python 2 strings: latin1 gives numpy its raw bytes back
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except Exception as e:  # EOFError (truncated), UnpicklingError (corrupt), ValueError (bad array state), ...
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} cannot be read as a CIFAR batch ({type(e).__name__}: {reason}); the file is truncated or "
+                        f"corrupt: extract the archive again") from None
+    data, labels = (batch.get("data"), batch.get(label_key)) if isinstance(batch, dict) else (None, None)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path} is not a CIFAR batch: its 'data' should be uint8 [N, 3072], it is {what}")
+    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    if labels.shape != (len(data),) or (len(labels) and not 0 <= labels.min() <= labels.max() < num_classes):
+        raise UserError(f"{path} is not a CIFAR batch of {num_classes} classes: its '{label_key}' should be {len(data)} "
+                        f"labels in 0..{num_classes - 1}")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.from_numpy(labels)
+
+
+def _cifar(name, root, split):
+    """The images and (fine) labels of CIFAR-10 or CIFAR-100 from the pickled "python version" files, read here
+    (a restricted unpickler; no md5 check, so a damaged file is named, not reported as missing)."""
+    folder, train_files, test_files, label_key, num_classes = CIFAR[name]
+    base = os.path.join(root, folder)
+    if not os.path.isdir(base):
+        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+        raise UserError(f"{name} not found: extract {archive} (https://www.cs.toronto.edu/~kriz/cifar.html, the python "
+                        f"version) into {os.path.abspath(root)} so that {base} exists")
+    parts = [_cifar_file(os.path.join(base, f), label_key, num_classes) for f in (train_files if split == "train" else test_files)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _decode(paths, resolution, channels):
@@ -116,7 +159,10 @@ def _decoded(cfg, split, paths, labels):
     root = os.path.abspath(d["root"])
     key = [d["dataset"], root, split, resolution, channels, DECODE_VERSION, labels]
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise UserError(f"image {p} cannot be read ({e.strerror})") from None
         key.append((os.path.relpath(p, root), st.st_size, st.st_mtime_ns))
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     path = cache_dir(cfg, "decoded", f"{d['dataset']}-{split}-{resolution}px-{channels}ch-{digest}.npy")
@@ -140,23 +186,44 @@ def _decoded(cfg, split, paths, labels):
 
 
 def _tinyimagenet(cfg, split):
+    """Tiny-ImageNet as unzipped: the 200 classes are the lines of wnids.txt (label = line number); training images in
+    train/<wnid>/images/, validation images (the held-out split) in val/images/ with their classes in
+    val/val_annotations.txt. Anything else in the folders (a .DS_Store, the boxes files, test/) is not read."""
     base = os.path.join(cfg["data"]["root"], "tiny-imagenet-200")
     if not os.path.isdir(os.path.join(base, "train")):
         raise UserError(
             f"tinyimagenet not found: unzip tiny-imagenet-200.zip (from http://cs231n.stanford.edu/tiny-imagenet-200.zip) "
             f"so that {os.path.join(base, 'train')} and {os.path.join(base, 'val')} exist")
-    wnids = sorted(os.listdir(os.path.join(base, "train")))
+    wnids_path = os.path.join(base, "wnids.txt")
+    try:
+        with open(wnids_path) as f:
+            wnids = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"{wnids_path} cannot be read ({e.strerror}); it lists the classes: unzip the archive again") from None
+    label_of = {w: k for k, w in enumerate(wnids)}
+    if not wnids or len(label_of) != len(wnids):
+        raise UserError(f"{wnids_path} must list each class (wnid) once, one per line")
     if split == "train":
         paths, labels = [], []
         for k, w in enumerate(wnids):
             files = files_named(os.path.join(base, "train", w, "images"), suffix=".JPEG")
+            if not files:
+                raise UserError(f"class {w} of {wnids_path} has no images in {os.path.join(base, 'train', w, 'images')}")
             paths += files
             labels += [k] * len(files)
     else:
-        with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-            rows = [line.split("\t")[:2] for line in f if line.strip()]
+        annotations = os.path.join(base, "val", "val_annotations.txt")
+        try:
+            with open(annotations) as f:
+                rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"{annotations} cannot be read ({e.strerror}); it gives the validation images' classes") from None
+        for n, row in enumerate(rows, 1):
+            if len(row) < 2 or row[1] not in label_of:
+                raise UserError(f"{annotations} line {n}: expected '<file>\\t<wnid>\\t...' with a wnid of wnids.txt, "
+                                f"got {chr(9).join(row)[:80]!r}")
         paths = [os.path.join(base, "val", "images", r[0]) for r in rows]
-        labels = [wnids.index(r[1]) for r in rows]
+        labels = [label_of[r[1]] for r in rows]
     return _decoded(cfg, split, paths, labels)
 
 

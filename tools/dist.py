@@ -13,7 +13,12 @@ import torch.distributed as dist
 
 from tools.cli import UserError
 
-TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a rank that died or hangs, then fails
+TIMEOUT = datetime.timedelta(minutes=30)  # a collective of shared work waits this long for a rank that died or hangs
+# Waiting for rank 0's work alone (a dataset classifier, Inception statistics, scoring 50k samples, a post-hoc EMA) goes
+# through a gloo group of its own with this timeout: NCCL's watchdog would abort a job whose ranks sat in an NCCL
+# collective for longer than TIMEOUT. torchrun still ends every rank when one fails.
+WAIT_TIMEOUT = datetime.timedelta(hours=24)
+_waits = None  # the gloo group of broadcast(), on_rank0() and barrier()
 
 
 def check_launcher(environ=os.environ):
@@ -39,7 +44,9 @@ def init():
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if world_size > 1 and not dist.is_initialized():
+        global _waits
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
+        _waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return rank, world_size, device
 
 
@@ -74,10 +81,10 @@ def all_reduce_sum(tensor):
 
 
 def broadcast(obj):
-    """Rank 0's value of a picklable object, on every rank."""
+    """Rank 0's value of a picklable object, on every rank (which may wait for it as long as WAIT_TIMEOUT)."""
     if dist.is_initialized():
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_waits)
         return box[0]
     return obj
 
@@ -100,8 +107,9 @@ def on_rank0(fn, *args, **kwargs):
 
 
 def barrier():
+    """Every rank waits for the others, as long as WAIT_TIMEOUT."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_waits)
 
 
 def leave_together():
@@ -116,8 +124,10 @@ def leave_together():
 
 
 def shutdown():
+    global _waits
     if dist.is_initialized():
         dist.destroy_process_group()
+    _waits = None
 
 
 def print0(*args, **kwargs):

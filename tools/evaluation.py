@@ -149,6 +149,7 @@ class Evaluator:
                     row.update(self._inception_scores(samples))
                 rows.append(row)
         net.train(was_training)
+        dist.barrier()  # rank 0 scored alone: the others wait here, not in an NCCL collective (tools/dist.py)
         for r in rows:
             r["eval_s"] = time.time() - start
         return rows if self.rank == 0 else []

@@ -2,7 +2,7 @@
 sums, and the Frechet distance and KID between them (tools/metrics.py); the network is tools/inception.py.
 
     python -m tools.fid ref --config config/cifar10/E.yaml --out refs/cifar10-train.npz   # torchrun -m works too
-    python -m tools.fid score runs/cifar10-E/samples/epoch_1999-classic-heun18 refs/cifar10-train.npz
+    python -m tools.fid score runs/cifar10-E/samples/epoch_1999-classic-heun18-bf16 refs/cifar10-train.npz
     python -m tools.fid compare A.npz B.npz                                               # FID of two statistics files
 
 Reference statistics are pytorch-fid's .npz (mu, sigma), so `python -m pytorch_fid A.npz B.npz` gives the

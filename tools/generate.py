@@ -230,7 +230,7 @@ def generate(cfg, outdir, seeds, device, epoch=None, out=None, class_index=None,
     denoiser, guide_tag, guide_run = guided(cfg, Denoiser(net, cfg["diffusion"]["sigma_data"]), guidance, guide, guide_ema,
                                             device, compile)
     K = cfg["network"]["label_dim"]
-    tag = f"epoch_{info['epoch']}-{S['ema'].replace('=', '')}-{sampler_tag(S)}"
+    tag = f"epoch_{info['epoch']}-{S['ema'].replace('=', '')}-{sampler_tag(S)}-{S['precision']}"  # all that sets the pixels
     tag += ("" if class_index is None else f"-class{class_index}") + guide_tag
     out = os.path.normpath(out or os.path.join(outdir, "samples", tag))
     if K:

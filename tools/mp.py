@@ -27,8 +27,10 @@ def mp_silu(x):
 
 def mp_sum(a, b, t=0.5):
     """((1-t) a + t b) / sqrt((1-t)^2 + t^2): unit RMS for unit-RMS, uncorrelated a and b, of which b carries the
-    share t^2 / ((1-t)^2 + t^2) of the energy (t = 0.3: 16%; t = 0.5: half)."""
-    return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t ** 2)
+    share t^2 / ((1-t)^2 + t^2) of the energy (t = 0.3: 16%; t = 0.5: half). Mixed dtypes promote as `+` does
+    (lerp itself does not, and autocast leaves it alone)."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype).lerp(b.to(dtype), t) / np.sqrt((1 - t) ** 2 + t ** 2)
 
 
 def mp_cat(a, b, dim=1, t=0.5):

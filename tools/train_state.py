@@ -9,6 +9,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
+from tools import dist
 from tools.checkpoint import atomic_save, checkpoint_path, list_checkpoints, list_resume_checkpoints, load, remove, resume_path
 from tools.cli import UserError
 from tools.config import build_edm, dump, validate
@@ -37,14 +38,14 @@ class TrainState:
     def __init__(self, cfg, device):
         T = cfg["train"]
         self.cfg, self.device = cfg, device
-        self.fp16 = device.type == "cuda" and T["precision"] == "fp16"
+        self.fp16 = T["precision"] == "fp16"
         torch.manual_seed(T["seed"])  # the network's initialisation
         self.edm = build_edm(cfg).to(device)
         force_weight_norm_(self.edm)
         # Fused Adam: one kernel over all parameters on CPU and CUDA alike, instead of a loop over them
         # (docs/PERFORMANCE.md compares the implementations).
         self.opt = torch.optim.Adam(self.edm.parameters(), lr=T["lr"], betas=tuple(T["betas"]), eps=T["eps"], fused=True)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.fp16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.fp16)
         self.emas = EMAs(self.edm.net, cfg["ema"])
         self.params = list(self.edm.parameters())
         self.t_img = 0
@@ -165,7 +166,11 @@ class TrainState:
         self.edm.net.load_state_dict(ckpt["net"])
         self.edm.loss.load_state_dict(ckpt["loss_head"])
         self.opt.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if saved["train"]["precision"] != self.cfg["train"]["precision"]:
+            dist.print0(f"note: {outdir} trained in {saved['train']['precision']} until now and goes on in "
+                        f"{self.cfg['train']['precision']} (not bit-exact across the change; fp16's loss scale starts afresh)")
+        elif self.fp16:
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.emas.load_state_dict(ckpt["emas"])
         self.t_img = ckpt["t_img"]
         self.nonfinite.fill_(ckpt["nonfinite_steps"])

@@ -24,6 +24,7 @@ from tools.grid import save_picture
 from tools.log import progress, to_run_log
 from tools.runs import lock_for_training
 from tools.schedule import learning_rate
+from tools.precision import use_deterministic
 from tools.stops import StopRequests
 from tools.train_log import TrainingLog
 from tools.train_state import TrainState
@@ -45,6 +46,7 @@ class Run:
     def __init__(self, cfg, device):
         self.cfg, self.T, self.outdir = cfg, cfg["train"], cfg["train"]["outdir"]
         self.rank, self.world, self.device = dist.rank(), dist.world_size(), device
+        use_deterministic(self.T["deterministic"])
         dist.on_rank0(claim_run_directory, self.outdir)  # one writer per run directory, before anything is written
         self.data = Batches(cfg, self.rank, self.world, device)  # the training set on the device; this rank's share of each batch
         if device.type == "cuda":
@@ -91,11 +93,13 @@ class Run:
     def end_epoch(self, epoch, last):
         """Grid, evaluation and checkpoint of an epoch, each at its cadence. Returns the checkpoint written, or None."""
         T, state = self.T, self.state
-        if self.rank == 0 and T["grid_epochs"] and (epoch % T["grid_epochs"] == 0 or last):
-            examples = self.data.augmented_examples(PREVIEW_IMAGES, epoch) if self.data.augment else None  # what training sees
-            picture = training_grid(state.emas.classic.ema_model, self.cfg, self.device, examples=examples)
-            self.log.add_image("samples/ema_classic", picture, state.t_img)
-            save_picture(os.path.join(self.outdir, "grids", f"epoch_{epoch}.png"), picture)
+        if T["grid_epochs"] and (epoch % T["grid_epochs"] == 0 or last):
+            if self.rank == 0:
+                examples = self.data.augmented_examples(PREVIEW_IMAGES, epoch) if self.data.augment else None  # what training sees
+                picture = training_grid(state.emas.classic.ema_model, self.cfg, self.device, examples=examples)
+                self.log.add_image("samples/ema_classic", picture, state.t_img)
+                save_picture(os.path.join(self.outdir, "grids", f"epoch_{epoch}.png"), picture)
+            dist.barrier()  # the other ranks wait here, not in the next step's NCCL all-reduce (tools/dist.py)
         if self.evaluator.due(epoch, last):
             started = time.time()
             rows = self.evaluator(state.emas.classic.ema_model, state.edm.loss, state.t_img, epoch)
