@@ -6,8 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from tools.batches import Batches
 from tools.bench import NoLog
 from tools.cli import UserError
 from tools.config import build_edm, load_config
-from tools.data import load_dataset
+from tools.data import load_dataset, to_float
 from tools.edm import Denoiser
 from tools.evaluation import Evaluator
 from tools.generate import sample_seeds
@@ -48,27 +46,13 @@ def train(outdir, *overrides, check=True):
     return run_script("train.py", "--config", DIGITS, "--outdir", str(outdir), *FAST, *overrides, check=check)
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_weights(a, b, exact=True):
-    """Network, loss head and classic EMA equal: bit for bit, or to float round-off (another rank count sums the
-    gradients in another order)."""
-    for x, y in zip((a["net"], a["loss_head"], a["emas"]["classic"]), (b["net"], b["loss_head"], b["emas"]["classic"])):
-        assert x.keys() == y.keys()
-        for k in x:
-            if exact:
-                assert torch.equal(x[k], y[k]), k
-            else:
-                torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-5)
-
-
 @pytest.fixture(scope="module")
 def augmented_run(tmp_path_factory):
-    """Digits E trained 2 epochs in one go with augment.p = 0.5."""
+    """Digits E trained 2 epochs in one go with augment.p = 0.5 (in this process). Its resume and its 2-rank twin are
+    tested in tests/test_training.py and tests/test_multirank.py."""
+    import train as entry
     outdir = tmp_path_factory.mktemp("augmented")
-    train(outdir, *AUGMENTED, "train.epochs=2")
+    entry.main(["--config", os.path.join(ROOT, DIGITS), "--outdir", str(outdir), *FAST, *AUGMENTED, "train.epochs=2"])
     return outdir
 
 
@@ -90,33 +74,10 @@ def test_p_zero_trains_the_same_bits_as_no_augment_section():
         assert torch.equal(states[0][k], states[1][k]), k
 
 
-def test_augmented_training_resumes_bit_exact(augmented_run, tmp_path):
-    train(tmp_path / "resumed", *AUGMENTED, "train.epochs=1")
-    train(tmp_path / "resumed", *AUGMENTED, "train.epochs=2")
-    one_go = load(augmented_run / "checkpoints" / "epoch_2.pt")
-    assert_same_weights(one_go, load(tmp_path / "resumed" / "checkpoints" / "epoch_2.pt"))
-
-
-def test_two_ranks_train_what_one_does_with_augmentation(augmented_run, tmp_path):
-    """The same global batch over 2 gloo ranks, augmentation and dropout on: the same losses and augmented
-    fractions step by step, and the same weights up to the order in which the two ranks' gradients are summed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543", "train.py",
-           "--config", DIGITS, "--outdir", str(tmp_path), *FAST, *AUGMENTED, "train.epochs=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = lambda run: [json.loads(line) for line in open(run / "metrics.jsonl") if '"img_per_s"' in line]
-    one, two = rows(augmented_run), rows(tmp_path)
-    assert len(one) == len(two) == 10
-    assert [r["augmented_fraction"] for r in two] == [r["augmented_fraction"] for r in one]
-    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
-    assert_same_weights(load(augmented_run / "checkpoints" / "epoch_2.pt"), load(tmp_path / "checkpoints" / "epoch_2.pt"),
-                        exact=False)
-
-
 def test_augmentation_follows_the_sample_not_the_rank():
     """Two ranks' shares of a step, put side by side, are the one-rank batch bit for bit: the augmented images, their
     vectors and the dropout keys (a two-rank run then differs from one rank only by the gradient sum's order, which
-    the test above checks for the training loop)."""
+    tests/test_multirank.py checks for the training loop)."""
     cfg = load_config(os.path.join(ROOT, DIGITS), [*FAST, *AUGMENTED])
     device = torch.device("cpu")
     one, two = Batches(cfg, 0, 1, device), [Batches(cfg, rank, 2, device) for rank in (0, 1)]
@@ -161,9 +122,41 @@ def test_sampling_evaluation_and_probe_tell_the_network_nothing_was_done(augment
     Evaluator(cfg, images, labels, 0, 1, device).losses(denoiser, edm.loss, 0, contextlib.nullcontext)
     extract_features(net, cfg["diffusion"]["sigma_data"], images[:4], 0.06, ["dec.8x8_block1"], torch.arange(4), 4)
     assert len(seen) >= 5 + 6 + 1 and all(a.shape[1] == AUGMENT_DIM and not a.any() for a in seen)
-    # and during training the same input carries the vectors
-    batch = Batches(load_config(os.path.join(ROOT, DIGITS), [*FAST, *AUGMENTED]), 0, 1, device).batch(0)
-    assert batch[5].shape == (256, AUGMENT_DIM) and batch[5].any(1).float().mean() > 0.9
+
+
+def test_a_training_step_tells_the_network_what_was_applied():
+    """During a real optimizer step (two micro-batches) the network's augmentation input is, image for image, the vector
+    of what the step's augmentation did to that image."""
+    cfg = load_config(os.path.join(ROOT, DIGITS), [*FAST, *AUGMENTED, "train.batch_gpu=128"])
+    device = torch.device("cpu")
+    data, state = Batches(cfg, 0, 1, device), TrainState(cfg, device)
+    seen = []
+    state.edm.net.emb_augment.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().clone()))
+    batch = data.batch(3)
+    state.step(state.edm, batch, data.micro, 0.01, NoLog())
+    assert len(seen) == 2 and batch[5].shape == (256, AUGMENT_DIM) and batch[5].any(1).float().mean() > 0.9
+    assert torch.equal(torch.cat(seen), batch[5])
+
+
+def test_leaky_xflip_flips_half_the_images_whatever_the_rank_count():
+    """data.xflip (the leaky flip: no vector) mirrors each image with probability 1/2, drawn per sample of the global
+    batch, so two ranks' shares side by side are the one-rank batch."""
+    cfg = load_config(os.path.join(ROOT, DIGITS), ["network.model_channels=8", "train.batch_size=64", "data.xflip=true"])
+    device, g = torch.device("cpu"), torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 1, 16, 16), dtype=torch.uint8, generator=g)  # no image is its own mirror
+    data = (images, torch.zeros(256, dtype=torch.int64))
+    one, two = Batches(cfg, 0, 1, device, data=data), [Batches(cfg, rank, 2, device, data=data) for rank in (0, 1)]
+    plain = {to_float(x).numpy().tobytes() for x in images}
+    mirrored = {to_float(x).flip(2).numpy().tobytes() for x in images}
+    flips = []
+    for step in range(40):
+        whole = one.batch(step)
+        assert whole[5] is None and torch.equal(torch.cat([b.batch(step)[0] for b in two]), whole[0])
+        for y in whole[0]:
+            key = y.numpy().tobytes()
+            assert (key in plain) != (key in mirrored)
+            flips.append(key in mirrored)
+    assert abs(np.mean(flips) - 0.5) < 4 * np.sqrt(0.25 / len(flips))  # 4 standard errors of 2,560 coin flips
 
 
 @pytest.mark.parametrize("override,message", [

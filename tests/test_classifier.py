@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import torch
 
 from tools import classifier
 from tools.config import load_config
@@ -31,3 +32,24 @@ def test_classifier_cache_key_follows_the_data(digits_cfg):
                                                  "network.channel_mult=[1,2]", "network.attn_resolutions=[4]"])
     images, labels = load_dataset(cfg8, "train")
     assert classifier._fingerprint(images, labels) not in tag
+
+
+def test_classifier_cache_key_changes_with_any_image_or_label():
+    """The key is the same for the same data (in any memory layout and label dtype) and changes with one pixel of one
+    image, one label, or the label set: a cached classifier is never reused for data it was not trained on."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (200, 1, 16, 16), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(200) % 10
+    key = classifier._fingerprint(images, labels)
+    assert classifier._fingerprint(images.clone().to(memory_format=torch.channels_last), labels.to(torch.int32)) == key
+
+    one_pixel = images.clone()
+    one_pixel[len(images) // 2, 0, 8, 8] ^= 1
+    one_label = labels.clone()
+    one_label[-1] = (one_label[-1] + 1) % 10
+    swapped = labels.clone()  # the same label counts, two images' labels (0 and 1) exchanged
+    swapped[[0, 1]] = labels[[1, 0]]
+    fewer_classes = labels % 5  # the label set {0..4} instead of {0..9}
+    changed = {classifier._fingerprint(one_pixel, labels), classifier._fingerprint(images, one_label),
+               classifier._fingerprint(images, swapped), classifier._fingerprint(images, fewer_classes)}
+    assert len(changed) == 4 and key not in changed

@@ -52,7 +52,7 @@ def test_waiting_for_rank0_outlasts_the_collective_timeout(tmp_path):
     """Rank 0 works alone for longer than the process group's timeout (a dataset classifier, Inception statistics,
     scoring 50k samples) while rank 1 waits for its result: the wait goes through the wait group (tools.dist.WAIT_TIMEOUT),
     so it neither times out nor, under NCCL, trips the watchdog; the shared group still works afterwards."""
-    torch.multiprocessing.spawn(_slow_rank0_worker, args=(29543, str(tmp_path / "r")), nprocs=2)
+    torch.multiprocessing.spawn(_slow_rank0_worker, args=(29545, str(tmp_path / "r")), nprocs=2)
     assert [(tmp_path / f"r{rank}").read_text() for rank in (0, 1)] == ["42 2.0", "42 2.0"]
 
 

@@ -143,15 +143,36 @@ def test_curves_continue_across_a_resume_without_repeats(tmp_path, metric_cache)
     assert [r["epoch"] for r in rows_of(two, "eval")] == [1, 2, 3, 1]
 
 
-def test_conditional_run_evaluates_with_labels(tmp_path, metric_cache):
-    """A class-conditional run: the validation loss uses the images' labels, the quality curve its class accuracy."""
+def test_conditional_run_evaluates_with_labels(tmp_path, metric_cache, capsys):
+    """A class-conditional run: the validation loss it logged is the loss with the images' own labels, which differs
+    from the loss with other labels (so an evaluation that lost or mixed up the labels would fail here); the quality
+    curve carries the class accuracy of its samples."""
+    import train
     run = tmp_path / "cond"
-    proc = run_script("train.py", "--config", "config/digits/E-cond.yaml", "--outdir", str(run), *FAST, f"data.cache={metric_cache}",
-                      "train.epochs=1")
+    train.main(["--config", "config/digits/E-cond.yaml", "--outdir", str(run), *FAST, f"data.cache={metric_cache}", "train.epochs=1"])
+    assert "best quality-curve KID" in capsys.readouterr().out
     (curve,) = rows_of(run, "curve")
-    (ev,) = rows_of(run, "eval")
-    assert 0 <= curve["class_accuracy"] <= 1 and np.isfinite(ev["val_loss"])
-    assert "best quality-curve KID" in proc.stdout and "validation loss lowest" in proc.stdout
+    (logged,) = rows_of(run, "eval")
+    assert 0 <= curve["class_accuracy"] <= 1
+
+    cfg, _ = resolve(None, str(run))
+    ckpt = load_epoch(str(run), 1, required=("emas", "loss_head"))
+    edm = build_edm(cfg)
+    edm.net.load_state_dict(ckpt["emas"]["classic"])
+    edm.loss.load_state_dict(ckpt["loss_head"])
+    images, labels = load_dataset(cfg, "train")
+    evaluator = Evaluator(cfg, images[:512], labels[:512], 0, 1, torch.device("cpu"))
+    evaluator.num_samples = 0  # the validation loss only
+    from tools.edm import Denoiser
+    denoiser = Denoiser(edm.net.eval(), cfg["diffusion"]["sigma_data"])
+    amp = lambda: torch.autocast("cpu", enabled=False)
+    with torch.no_grad():
+        with_labels = evaluator.losses(denoiser, edm.loss, HELDOUT, amp)
+        held_images, held_labels, idx = evaluator.splits[HELDOUT]
+        evaluator.splits[HELDOUT] = (held_images, (held_labels + 1) % 10, idx)  # the same images and noise, other labels
+        other = evaluator.losses(denoiser, edm.loss, HELDOUT, amp)
+    np.testing.assert_allclose(logged["val_loss_by_sigma"], with_labels, rtol=1e-6)
+    assert max(abs(a - b) for a, b in zip(with_labels, other)) > 1e-3, (with_labels, other)
 
 
 def test_inception_joins_the_curve_where_local_weights_exist(tmp_path):

@@ -17,7 +17,8 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import ROOT, digit_images, pytorch_fid_distance, random_stats, run_script
-from tools import fid, inception, metrics
+from test_metrics import brute_force_mmd2
+from tools import fid, inception
 from tools.cli import UserError
 
 
@@ -112,14 +113,14 @@ def test_reference_and_scoring_pipeline(tmp_path, monkeypatch, random_inception)
     from tools.config import load_config
 
     images = digit_images(10)
-    ref_images, gen_images = images[:6], images[6:]
+    ref_images, gen_images = images[:5], images[5:]
     monkeypatch.setattr(fid, "load_dataset", lambda cfg, split: (ref_images, torch.zeros(len(ref_images), dtype=torch.int64)))
     cfg = load_config(os.path.join(ROOT, "config/digits/E.yaml"))
     out = str(tmp_path / "refs" / "digits-train.npz")
     fid.compute_reference(cfg, out, random_weights=True, batch=4)
 
     feats = inception.features_of_images(random_inception, images, batch=5)
-    ref_feats, gen_feats = feats[:6], feats[6:]
+    ref_feats, gen_feats = feats[:5], feats[5:]
     assert feats.shape == (10, 2048) and feats.dtype == np.float64
     assert ref_feats.std(0).max() > 1e-3  # the random network tells the digits apart
     mu_ref, sigma_ref = compute_statistics_of_path(out, None, 1, 2048, "cpu")  # pytorch-fid's reader
@@ -127,14 +128,14 @@ def test_reference_and_scoring_pipeline(tmp_path, monkeypatch, random_inception)
     np.testing.assert_allclose(mu_ref, ref_feats.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(sigma_ref, np.cov(ref_feats, rowvar=False), rtol=1e-5, atol=1e-9)
     with np.load(out) as f:
-        assert f["features"].dtype == np.float16 and f["features"].shape == (6, 2048)
+        assert f["features"].dtype == np.float16 and f["features"].shape == (5, 2048)
         stored = f["features"].astype(np.float64)
     match = ((stored[:, None] - ref_feats[None]) ** 2).sum(-1).argmin(1)
-    assert sorted(match) == list(range(6))  # all reference images, in some order
+    assert sorted(match) == list(range(5))  # all reference images, in some order
     np.testing.assert_allclose(stored, ref_feats[match], rtol=2e-3, atol=1e-6)
     with open(out[:-4] + ".json") as f:
         meta = json.load(f)
-    assert meta["count"] == 6 and meta["extractor"] == "inception-v3-RANDOM" and meta["dataset"] == "digits"
+    assert meta["count"] == 5 and meta["extractor"] == "inception-v3-RANDOM" and meta["dataset"] == "digits"
     assert not [p for p in os.listdir(tmp_path / "refs") if "tmp" in p]
 
     from PIL import Image
@@ -154,7 +155,34 @@ def test_reference_and_scoring_pipeline(tmp_path, monkeypatch, random_inception)
     np.testing.assert_allclose(sigma, np.cov(gen_feats, rowvar=False), rtol=1e-5, atol=1e-9)
     np.testing.assert_array_equal(mu2, mu_ref)
     np.testing.assert_array_equal(sigma2, sigma_ref)
-    assert result["fid"] == 1.5 and result["count"] == 4 and result["extractor"] == "inception-v3-RANDOM"
-    assert result["kid_mean"] == pytest.approx(metrics.kid(gen_feats, stored, 10)[0], rel=1e-4, abs=1e-9)
+    assert result["fid"] == 1.5 and result["count"] == 5 and result["extractor"] == "inception-v3-RANDOM"
+    # 5 samples against 5 stored features: every KID subset holds all of both sets, so each is their unbiased MMD^2.
+    # The samples' features in score_folder's batches (3, 2) are bit for bit the ones here; what is left is float64
+    # summation order, amplified by MMD^2 being ~4e-4 of the kernel values it sums: observed 2e-12 relative.
+    sample_feats = inception.features_of_images(random_inception, gen_images, batch=3)
+    assert result["kid_mean"] == pytest.approx(brute_force_mmd2(sample_feats, stored), rel=1e-9)
+    assert result["kid_std"] < 1e-9 * abs(result["kid_mean"])  # the same MMD^2 from every subset
 
 
+def test_folder_statistics_match_pytorch_fids_folder_pipeline(tmp_path, random_inception):
+    """A folder of RGB PNGs read and featurised as score_folder does (png_paths, _png_batches, features_of_images,
+    FeatureStats) gives pytorch-fid's mu and sigma of the same folder (its reader, ToTensor and np.cov) with the same
+    network: the same pixels reach the network, and the statistics are the same ones."""
+    from PIL import Image
+    from pytorch_fid.fid_score import compute_statistics_of_path
+
+    rng = np.random.default_rng(0)
+    for i in range(12):  # each goes through Inception at 299 x 299 twice: 2 s on 2 idle cores
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i:03d}.png")
+    stats = fid.FeatureStats()
+    for images in fid._png_batches(fid.png_paths(str(tmp_path)), 5):  # batches of 5, 5, 2
+        inception.features_of_images(random_inception, images, 5, "cpu", stats)
+    mu, sigma = stats.mu_sigma()
+    mu_ref, sigma_ref = compute_statistics_of_path(str(tmp_path), random_inception, 5, 2048, "cpu", num_workers=0)
+
+    # The pixels are the same, but the PNG reader's batches are channels-last and take other float32 kernels: the
+    # features differ by up to 6.3e-7 of the largest (~5 ulps; features are >= 0, the largest ~2% above its mean).
+    # Allow 5e-6 of it per feature: mu moves by at most that, sigma_ij by at most that times std_i + std_j.
+    feature_atol = 5e-6 * mu_ref.max()
+    np.testing.assert_allclose(mu, mu_ref, rtol=0, atol=feature_atol)
+    np.testing.assert_allclose(sigma, sigma_ref, rtol=0, atol=2 * feature_atol * np.sqrt(np.diag(sigma_ref)).max())

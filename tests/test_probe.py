@@ -5,8 +5,9 @@ import json
 import os
 
 import pytest
+import torch
 
-from conftest import DIGITS, PROBE_BLOCK, accuracy_of, copy_run, run_script
+from conftest import COND_EPOCHS, DIGITS, PROBE_BLOCK, accuracy_of, cached_features, copy_run, run_script
 from tools.cli import UserError
 
 
@@ -25,13 +26,34 @@ def test_cli_on_digits_beats_chance_by_a_wide_margin(trained_digits_run, tmp_pat
     assert (scalar.step, scalar.value) == (result["t_img"], pytest.approx(acc, abs=0.005))
 
 
-def test_probe_reads_a_conditional_run(cond_run, tmp_path, capsys):
-    """probe.py takes its features from the unconditional forward (the label dropped) of a conditional network."""
+def test_probe_reads_a_conditional_run_without_its_labels(cond_run, tmp_path, capsys):
+    """probe.py takes its features from the unconditional forward (the label dropped) of a conditional network: the
+    cached features are those of the label-dropped forward, which differ from the forward given the true labels."""
     import probe
+    from tools.data import load_dataset, to_float
+    from tools.edm import Denoiser
+    from tools.probe_features import image_noise
+    from tools.runs import load_net, resolve
+    run = copy_run(cond_run, tmp_path / "run", epoch=COND_EPOCHS)
     capsys.readouterr()
-    probe.main(["--outdir", cond_run])
+    probe.main(["--outdir", run])
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("test accuracy:") and float(first.split()[2].rstrip("%")) > 30, first  # chance: 10%
+
+    cfg, _ = resolve(None, run)
+    net, _ = load_net(cfg, run, COND_EPOCHS, "classic", "cpu")
+    images, labels = (x[:32] for x in load_dataset(cfg, "train"))
+    pooled = []
+    net.dec[PROBE_BLOCK.split(".")[1]].register_forward_hook(lambda m, i, o: pooled.append(o.mean(dim=(2, 3))))
+    x = to_float(images) + 0.06 * image_noise(range(32), images.shape[1:])  # the training split's seeds 0, 1, ...
+    one_hot = torch.nn.functional.one_hot(labels, cfg["network"]["label_dim"]).float()
+    with torch.no_grad():
+        for given in (torch.zeros_like(one_hot), one_hot):
+            Denoiser(net, cfg["diffusion"]["sigma_data"])(x, 0.06, given)
+    dropped, labelled = pooled
+    cached = cached_features(run, epoch=COND_EPOCHS)[:32]
+    torch.testing.assert_close(cached, dropped, rtol=1e-5, atol=1e-6)
+    assert (labelled - dropped).abs().max() > 100 * (cached - dropped).abs().max() + 1e-4
 
 
 @pytest.mark.parametrize("flags,message", [
