@@ -28,19 +28,18 @@ class Fourier(torch.nn.Module):
 class Conv(torch.nn.Module):
     """Magnitude-preserving convolution with forced weight normalisation (paper steps D+E).
 
-    The stored weight is kept at unit-RMS rows by `renormalize_()` (tools.mp.force_weight_norm_);
-    the forward pass normalises again in the graph, which matters at inference where EMA weights
-    are not unit norm, and scales by gain / sqrt(fan_in) so unit-RMS inputs give unit-RMS outputs.
+    The stored weight is kept at unit-RMS rows after every optimizer step (forced_weight_norm,
+    tools.mp.force_weight_norm_); the forward pass normalises again in the graph, which matters at
+    inference where EMA weights are not unit norm, and scales by gain / sqrt(fan_in) so unit-RMS inputs
+    give unit-RMS outputs.
     """
+
+    forced_weight_norm = True
 
     def __init__(self, in_channels, out_channels, kernel=()):
         super().__init__()
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
-
-    @torch.no_grad()
-    def renormalize_(self):
-        self.weight.copy_(normalize(self.weight.to(torch.float32)))
 
     def forward(self, x, gain=1):
         w = normalize(self.weight.to(torch.float32))

@@ -27,8 +27,14 @@ def test_bench_prints_one_json_line_without_a_dataset(tmp_path):
     for k in ("sample_img_per_s_network", "sample_img_per_s_end_to_end", "writer_img_per_s", "atomic_writer_img_per_s"):
         assert row[k] > 0, k
     assert row["sample_images"] == 24 and row["writer_images"] == 40
+    # one GPU's share of an 8-GPU run: 32 / 8 images in two micro-batches, with the noise-scale hooks of such a run
+    assert (row["share_gpus"], row["share_batch"], row["share_batch_gpu"]) == (8, 4, 2) and row["share_train_img_per_s"] > 0
 
 
-def test_bench_bad_flag_is_one_line():
-    proc = run_script("-m", "tools.bench", "--config", DIGITS, "--steps", "0", check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--steps" in proc.stderr, proc.stderr
+@pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--batch", "0"), ("--sample-batch", "-1"), ("--gpus", "0"),
+                                        ("--warmup", "-1")])
+def test_bench_bad_flag_is_one_line(flag, value):
+    """Every bad value stops in one line naming its flag (--batch 0 once ran the config's batch instead)."""
+    from tools import bench
+    from conftest import one_line_error
+    assert one_line_error(bench.main, ["--config", DIGITS, flag, value]).startswith(f"{flag} must be")

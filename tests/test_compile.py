@@ -37,7 +37,7 @@ def test_compiled_training_steps_and_sampling_match_eager():
     device = torch.device("cpu")
     data = Batches(cfg, 0, 1, device)
     eager, compiled = TrainState(cfg, device), TrainState(cfg, device)
-    compiled.edm.net.compile()
+    compiled.edm.compile()  # the model the training loop steps: network, preconditioning and loss
     for step in range(3):
         logs = []
         for state in (eager, compiled):
@@ -49,6 +49,7 @@ def test_compiled_training_steps_and_sampling_match_eager():
     for a, b in zip(eager.edm.parameters(), compiled.edm.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-3)
     compiled.edm.net.load_state_dict(eager.edm.net.state_dict())
+    compiled.edm.net.compile()  # as sample.py --compile does
     images = []
     for state in (eager, compiled):
         state.edm.net.eval()

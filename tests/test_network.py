@@ -10,7 +10,7 @@ import torch
 from tools.augment import AUGMENT_DIM
 from tools.config import build_edm, build_network, load_config
 from tools.data import load_dataset, to_float
-from tools.mp import force_weight_norm_
+from tools.mp import force_weight_norm_, normalize
 
 SMALL = dict(img_resolution=32, img_channels=3, model_channels=32, channel_mult=[1, 2, 2, 2], num_blocks=2,
              attn_resolutions=[16], channels_per_head=32, dropout=0)
@@ -99,17 +99,19 @@ def test_forced_weight_norm_after_optimizer_step(cfg):
     opt = torch.optim.Adam(net.parameters(), lr=0.5)
     net.train()(torch.randn(4, 3, 32, 32), torch.randn(4)).square().mean().backward()
     opt.step()
-    weights = [m.weight for m in net.modules() if hasattr(m, "renormalize_")]
+    weights = [m.weight for m in net.modules() if getattr(m, "forced_weight_norm", False)]
     assert len(weights) > 50
     row_rms = lambda w: w.flatten(1).square().mean(dim=1).sqrt()
     assert any((row_rms(w) - 1).abs().max() > 0.01 for w in weights), "the step should have moved the norms"
+    expected = [normalize(w.detach().clone()) for w in weights]  # each weight on its own, as the paper writes it
     force_weight_norm_(net)
-    for w in weights:
+    for w, e in zip(weights, expected):
         torch.testing.assert_close(row_rms(w), torch.ones(w.shape[0]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(w.detach(), e, rtol=1e-6, atol=1e-7)  # batched by fan-in, the same numbers
 
 
 def test_config_C_has_no_forced_normalisation():
-    assert not any(hasattr(m, "renormalize_") for m in unet("C").modules())
+    assert not any(getattr(m, "forced_weight_norm", False) for m in unet("C").modules())
 
 
 def test_G_output_is_c_skip_x_at_init():

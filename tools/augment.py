@@ -26,7 +26,7 @@ augment probability 0.12 for CIFAR-10, and the x-flip at 1/2.
 
 Borders: reflection about the centres of the border pixels (numpy's pad mode 'reflect': ... 2 1 | 0 1 2 ...)
 for every transform. Flips and integer translation are exact index operations (gathers); an image whose
-resampling slots are all zero is never resampled, so it passes through bit-exactly (rotation by 0, scale 1).
+resampling slots are all zero keeps its pixels bit-exactly (its resampled copy is dropped by a `where`).
 
 Resampling (scale_iso, rotate, scale_aniso, translate_frac, composed into one affine map per image) is
 anti-aliased the way ADA does it: upsample 2x with a low-pass filter, sample bilinearly at the 2x grid
@@ -111,8 +111,8 @@ def step_generator(seed, step):
 
 
 def applied_fraction(vectors):
-    """Fraction of the batch with any transform applied (for logging), from the conditioning vectors."""
-    return vectors.ne(0).any(1).float().mean().item()
+    """Fraction of the batch with any transform applied, from the conditioning vectors (a tensor, on their device)."""
+    return vectors.ne(0).any(1).float().mean()
 
 
 def _normal(u):
@@ -178,13 +178,12 @@ class Augment:
 
     num_draws = NUM_DRAWS
 
-    def draw(self, batch_size, generator=None, device=None):
+    def draw(self, batch_size, generator=None):
         """float32 uniforms [batch_size, NUM_DRAWS] from `generator` (on its own device, so the numbers do not
-        depend on where training runs), moved to `device`. Draw for the global batch, then slice by rank:
+        depend on where training runs). Draw for the global batch, then slice by rank:
         draw(global_batch, step_generator(seed, step))[rank * local:(rank + 1) * local]."""
         gen_device = generator.device if generator is not None else "cpu"
-        u = torch.rand([batch_size, NUM_DRAWS], generator=generator, device=gen_device, dtype=torch.float32)
-        return u.to(device) if device is not None else u
+        return torch.rand([batch_size, NUM_DRAWS], generator=generator, device=gen_device, dtype=torch.float32)
 
     def vectors(self, draws, size):
         """The conditioning vectors [N, AUGMENT_DIM] (float64) for `draws` [N, NUM_DRAWS] and images of size
@@ -235,31 +234,28 @@ class Augment:
             raise ValueError(f"draws must have shape [{N}, {NUM_DRAWS}], got {list(draws.shape)}")
         if not is_on(dict(p=self.p, xflip=self.xflip, transforms=self.transforms)):
             return images, torch.zeros([N, AUGMENT_DIM], device=images.device)
-        vec64, geometry = self._parameters(draws.to(images.device), (H, W))
+        vec64, geometry = self._parameters(draws if draws.device == images.device else draws.to(images.device), (H, W))
         vectors = vec64.to(torch.float32)
+        # Every image goes through every stage and `where` keeps the untouched ones bit-exact: which images a draw
+        # transforms never has to reach the host (no nonzero(), no host sync), as EDM's pipe applies identity
+        # transforms to the images it leaves alone.
         out = _index_ops(images, vec64)
-        resample = vectors[:, RESAMPLED].ne(0).any(1).nonzero()[:, 0]
-        if resample.numel():
-            out = out.index_copy(0, resample, _resample(out[resample], geometry[resample]))
-        return out, vectors
+        resampled = vectors[:, RESAMPLED].ne(0).any(1)
+        return torch.where(resampled[:, None, None, None], _resample(out, geometry), out), vectors
 
 
 def _index_ops(images, vec64):
-    """Flips and integer translation as one exact gather over the images that have any, reflection at the
-    borders; the input itself when no image is flipped or shifted."""
+    """Flips and integer translation as one exact gather, reflection at the borders (the identity gather for an
+    image that is neither flipped nor shifted)."""
     N, C, H, W = images.shape
-    rows = vec64[:, 0:4].ne(0).any(1).nonzero()[:, 0]
-    if not rows.numel():
-        return images
-    v = vec64[rows]
+    v = vec64
     sources = []
     for flip, shift, n in ((v[:, 0:1], v[:, 2:3] * W, W), (v[:, 1:2], v[:, 3:4] * H, H)):
         # out[j] = in[reflect(j - shift)], mirrored afterwards: the mirror and the reflection commute
         source = _reflect(torch.arange(n, device=images.device)[None, :] - shift.round().long(), n)
         sources.append(torch.where(flip.ne(0), n - 1 - source, source))
     flat = (sources[1][:, :, None] * W + sources[0][:, None, :]).view(-1, 1, H * W)
-    moved = images[rows].view(-1, C, H * W).gather(2, flat.expand(-1, C, -1)).view(-1, C, H, W)
-    return images.index_copy(0, rows, moved)
+    return images.reshape(N, C, H * W).gather(2, flat.expand(-1, C, -1)).view(N, C, H, W)
 
 
 def _inverse_affine(vec64, size):

@@ -12,6 +12,12 @@ from tools.data import to_float, to_uint8, trained_images
 from tools.schedule import epoch_order, step_draws
 
 
+def to_device(x, device):
+    """A CPU tensor on `device`. To a GPU it goes from pinned memory without blocking: a copy from pageable memory would
+    make the host wait for the device's queue, every step."""
+    return (x.pin_memory() if torch.device(device).type == "cuda" else x).to(device, non_blocking=True)
+
+
 class Batches:
     """The training images held whole on `device`; batch(step) is this rank's share of the global batch of `step`.
     `data`: (uint8 images, labels) to use instead of the config's (tools/bench.py's random pixels)."""
@@ -50,7 +56,7 @@ class Batches:
         B, D, data = self.batch_size, self.cfg["diffusion"], self.cfg["data"]
         epoch, pos = divmod(step, self.steps_per_epoch)
         if epoch != self.perm_epoch:
-            self.perm, self.perm_epoch = epoch_order(self.seed, epoch, len(self.images), self.device), epoch
+            self.perm, self.perm_epoch = to_device(epoch_order(self.seed, epoch, len(self.images)), self.device), epoch
         idx = self.perm[pos * B:(pos + 1) * B]
         sigma, noise, flip, drop, keys = step_draws(self.seed, step, B, self.images.shape[1:], D["P_mean"], D["P_std"], self.device)
         mine = self.mine
@@ -64,12 +70,12 @@ class Batches:
             class_labels = torch.nn.functional.one_hot(self.labels[idx], self.label_dim).to(torch.float32) * keep
         augment_labels = None
         if self.augment is not None:
-            y, augment_labels = self.augment(y, self.augment.draw(B, step_generator(self.seed, step), self.device)[mine])
+            y, augment_labels = self.augment(y, to_device(self.augment.draw(B, step_generator(self.seed, step))[mine], self.device))
         return y, sigma, noise, class_labels, keys, augment_labels
 
     def augmented_examples(self, count, epoch):
         """uint8 [count, C, H, W]: the first training images as the augmentation of `epoch`'s grid shows them (drawn
         from (seed, 2^62 + epoch), apart from every training step's), for a person to see what training sees."""
         y = to_float(self.images[:count])  # a dataset may hold fewer
-        y, _ = self.augment(y, self.augment.draw(len(y), step_generator(self.seed, 2 ** 62 + epoch), self.device))
+        y, _ = self.augment(y, to_device(self.augment.draw(len(y), step_generator(self.seed, 2 ** 62 + epoch)), self.device))
         return to_uint8(y)

@@ -7,6 +7,8 @@ depend on what the pixels show), and the network is the config's, freshly initia
 - train_img_per_s: the median over `--windows` timed windows of `--steps` optimizer steps each (the real step of
   tools/train_state.py: precision, micro-batches, augmentation and labels as configured), after `--warmup` steps;
   train_peak_mem_gib: CUDA's peak allocated memory over the timed windows, or on a CPU the process's peak RSS.
+- share_train_img_per_s (and its windows and peak memory): the same for one GPU's share of an 8-GPU run (`--gpus`):
+  batch / 8 images per step in two micro-batches, the gradient noise scale's hooks on, as such a run's steps are.
 - train_tflops and, on a GPU, train_matmul_fraction: the step's floating-point operations (counted once by
   torch.utils.flop_counter) per second, and that as a fraction of a large bf16 matmul's rate measured here
   (on a CPU the reference matmul is float32, the precision a CPU trains in).
@@ -21,6 +23,7 @@ if __name__ == "__main__" and not __package__:
     raise SystemExit("run this from the repository root as: python -m tools.bench ...")
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -105,9 +108,10 @@ def bench_training(cfg, device, steps, windows, warmup):
     T = cfg["train"]
     data = Batches(cfg, 0, 1, device, data=random_images(cfg, T["batch_size"] * 2))
     state = TrainState(cfg, device)
-    if T["compile"]:
-        state.edm.net.compile()
+    state.track_noise_scale(data.micro, data.per_rank)  # the gradient noise scale's hooks, as training installs them
     model, log, step = state.edm, NoLog(), 0
+    if T["compile"]:
+        model.compile()  # as the training loop does
 
     def run(n):
         nonlocal step
@@ -181,15 +185,31 @@ def bench_writers(cfg, count):
     return dict(writer_img_per_s=pool, atomic_writer_img_per_s=atomic, writer_images=count)
 
 
-def bench(cfg, device, steps=10, windows=5, warmup=3, sample_images=None, writer_images=2000, sampling=True):
+def share_config(cfg, gpus):
+    """The config as one GPU of `gpus` trains it: its share of the global batch, in two micro-batches, so that the
+    gradient noise scale's hooks run as they do on several GPUs."""
+    share = copy.deepcopy(cfg)
+    T = share["train"]
+    T["batch_size"] = max(T["batch_size"] // gpus, 2)
+    T["batch_gpu"] = T["batch_size"] // 2
+    return share
+
+
+def bench(cfg, device, steps=10, windows=5, warmup=3, sample_images=None, writer_images=2000, sampling=True, gpus=8):
     """The benchmark's row (see the module's docstring)."""
     T = cfg["train"]
     row = dict(unet=cfg["unet"], device=device_name(device), torch=torch.__version__,
                batch=T["batch_size"], batch_gpu=T["batch_gpu"] or T["batch_size"], precision=T["precision"],
-               compile=T["compile"], data="random pixels of the config's shape (no dataset read)")
+               compile=T["compile"], gns=T["gns"], data="random pixels of the config's shape (no dataset read)")
     state, train = bench_training(cfg, device, steps, windows, warmup)
     row["params_m"] = sum(p.numel() for p in state.edm.net.parameters()) / 1e6
     row.update(train)
+    if gpus > 1:
+        share = share_config(cfg, gpus)["train"]
+        _, train = bench_training(share_config(cfg, gpus), device, steps, windows, warmup)
+        row.update(share_gpus=gpus, share_batch=share["batch_size"], share_batch_gpu=share["batch_gpu"],
+                   **{f"share_{k}": v for k, v in train.items() if k in ("train_img_per_s", "train_windows_img_per_s",
+                                                                        "train_peak_mem_gib")})
     reference = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     row["matmul_tflops"] = reference
     row["matmul_dtype"] = "bfloat16" if device.type == "cuda" else "float32"
@@ -221,23 +241,29 @@ def main(argv=None):
     ap.add_argument("--sample-images", type=int, help="images sampled end to end (default: two sample batches)")
     ap.add_argument("--writer-images", type=int, default=2000, help="images the writers write")
     ap.add_argument("--no-sampling", action="store_true", help="skip the sampling rows")
+    ap.add_argument("--gpus", type=int, default=8, help="also time one GPU's share of the batch on this many GPUs (its "
+                    "batch / GPUS in two micro-batches, noise-scale hooks on); 1 = not")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. sample.steps=32")
     args = ap.parse_args(argv)
+    for flag in ("batch", "sample_batch", "steps", "windows", "writer_images", "gpus"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     overrides = list(args.overrides)
-    if args.batch:
+    if args.batch is not None:
         overrides += [f"train.batch_size={args.batch}"]
-    if args.sample_batch:
+    if args.sample_batch is not None:
         overrides += [f"sample.batch={args.sample_batch}"]
     if args.compile:
         overrides += ["train.compile=true"]
-    if min(args.steps, args.windows, args.writer_images) < 1 or args.warmup < 0:
-        raise UserError("--steps, --windows and --writer-images must be >= 1, --warmup >= 0")
     cfg = load_config(args.config, overrides)
     with dist.session() as (rank, world, device):
         if world > 1:
             raise UserError("the benchmark runs on one device: python -m tools.bench, not torchrun")
         row = bench(cfg, device, args.steps, args.windows, args.warmup, args.sample_images, args.writer_images,
-                    sampling=not args.no_sampling)
+                    sampling=not args.no_sampling, gpus=args.gpus)
     print(json.dumps(dict(config=args.config, **row)), flush=True)
 
 

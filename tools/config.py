@@ -124,8 +124,8 @@ SCHEMA = {
         "lr_ref_epochs": Key(400.0, "t_ref of the inverse-sqrt decay; 0 = constant after warm-up.", range=at_least(0)),
         "betas": Key([0.9, 0.99], "Adam betas (EDM2: beta2 = 0.99).", each=UNIT, length=(2, 2)),
         "eps": Key(1e-8, "Adam eps.", range=above(0)),
-        "precision": Key("bf16", "Autocast of training: " + " | ".join(PRECISIONS) + " (on CPUs too, where fp32 is fastest).",
-                         choices=PRECISIONS),
+        "precision": Key("bf16", "Numerics of training: " + " | ".join(PRECISIONS) + " (tools/precision.py; on CPUs too, where "
+                                 "fp32 is fastest; tf32 = float32 with TF32 matmuls and convolutions on GPUs).", choices=PRECISIONS),
         "compile": Key(False, "torch.compile the network."),
         "deterministic": Key(False, "Deterministic GPU kernels (cuDNN, cuBLAS, attention): two runs, or a run and its resume, "
                                     "give the same bits on the same GPU model and software; slower (docs/RELIABILITY.md)."),
@@ -172,7 +172,7 @@ SCHEMA = {
         "rtol": Key(0.05, "dpm_adaptive: relative error tolerance per step (Lu et al. 2022).", range=above(0)),
         "atol": Key(0.0078, "dpm_adaptive: absolute error tolerance per step (about one 8-bit level).", range=above(0)),
         "h_init": Key(0.05, "dpm_adaptive: first step in ln sigma.", range=above(0)),
-        "precision": Key("bf16", "Autocast of sampling (sample.py, training grids, the quality curve; part of a sample folder's name): "
+        "precision": Key("bf16", "Numerics of sampling (sample.py, training grids, the quality curve; part of a sample folder's name): "
                                  + " | ".join(PRECISIONS) + ".", choices=PRECISIONS),
         "batch": Key(256, "Images per rank per forward.", range=at_least(1)),
         "num_images": Key(50000, "Images for FID (seeds 0 .. num_images - 1).", range=at_least(1)),
@@ -189,7 +189,7 @@ SCHEMA = {
         "xflip": Key(False, "Add x-flipped training images' features."),
         "grid_sigmas": Key([0.01, 0.03, 0.06, 0.15, 0.3, 0.6], "Noise levels of probe.py --grid (with every block).",
                            each=above(0), length=(1, None)),
-        "precision": Key("bf16", "Autocast of feature extraction: " + " | ".join(PRECISIONS) + ".", choices=PRECISIONS),
+        "precision": Key("bf16", "Numerics of feature extraction: " + " | ".join(PRECISIONS) + ".", choices=PRECISIONS),
         "batch": Key(512, "Images per rank per forward during feature extraction.", range=at_least(1)),
     },
 }

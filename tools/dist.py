@@ -80,6 +80,14 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def max_over_ranks(values):
+    """The elementwise maximum of a list of numbers over the ranks, through the CPU wait group: no device sync."""
+    flags = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_waits)
+    return flags.tolist()
+
+
 def broadcast(obj):
     """Rank 0's value of a picklable object, on every rank (which may wait for it as long as WAIT_TIMEOUT)."""
     if dist.is_initialized():

@@ -22,15 +22,15 @@ def cosine_attention(qkv, num_heads):
     """Self-attention over pixels with q, k and v each normalised to unit RMS per head (cosine
     attention, EDM2 Config C), logits q.k / sqrt(c). qkv: [N, 3*C, H, W] -> [N, C, H, W].
 
-    Runs through scaled_dot_product_attention, which dispatches to a fused kernel on GPU.
+    q, k and v reach scaled_dot_product_attention with unit stride along c, the layout its flash and
+    memory-efficient kernels take (transposed views would send it to the math kernel).
     """
     N, C3, H, W = qkv.shape
     C = C3 // 3
-    qkv = qkv.reshape(N, num_heads, C // num_heads, 3, H * W)
-    q, k, v = normalize(qkv, dim=2).unbind(3)                     # each [N, heads, c, HW]
-    q, k, v = (t.transpose(2, 3) for t in (q, k, v))              # each [N, heads, HW, c]
+    qkv = qkv.reshape(N, num_heads, C // num_heads, 3, H * W).permute(0, 1, 3, 4, 2)  # [N, heads, 3, HW, c]
+    q, k, v = normalize(qkv, dim=4).contiguous().unbind(2)        # each [N, heads, HW, c]
     y = F.scaled_dot_product_attention(q, k, v)                   # scale 1/sqrt(c) by default
-    return y.transpose(2, 3).reshape(N, C, H, W)
+    return y.permute(0, 1, 3, 2).reshape(N, C, H, W)
 
 
 def group_norm(x, num_groups=32, min_channels_per_group=4):
@@ -59,6 +59,6 @@ def sample_dropout(x, p, keys, salt):
     if keys is None:
         return F.dropout(x, p=p)
     idx = _hash32(torch.arange(x[0].numel(), device=x.device, dtype=torch.int64))
-    key = _hash32((keys.to(device=x.device, dtype=torch.int64) + salt * 0x9E3779B9) & _MASK32)
+    key = _hash32((keys + salt * 0x9E3779B9) & _MASK32)  # int64 keys, drawn on x's device
     keep = _hash32(key[:, None] ^ idx[None, :]) >= round(p * 2 ** 32)
     return torch.where(keep.reshape(x.shape), x / (1 - p), 0)

@@ -50,7 +50,6 @@ if __name__ == "__main__" and not __package__:
     sys.exit(2)
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -64,6 +63,7 @@ from tools.cli import UserError, run_main
 from tools.data import load_dataset, to_float
 from tools.edm import Denoiser
 from tools.log import to_run_log
+from tools.precision import matmul_precision
 from tools.probe_features import gather_strided
 from tools.runs import load_net, parse_ema, resolve
 from tools.sampler import one_hot
@@ -232,21 +232,6 @@ def dequantize(images, seeds):
     return to_float(images.cpu()) + (u - 0.5) * BIN_WIDTH
 
 
-@contextlib.contextmanager
-def full_float32(device):
-    """No TF32 in cuDNN convolutions and cuBLAS matmuls while inside: the divergence is a difference of
-    network outputs, and TF32's 1e-3 relative rounding would swamp the solver's tolerances."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def image_bits(denoiser, images, labels, indices, sigma_min, sigma_max, exact=False, probes=1, rtol=RTOL, atol=ATOL):
     """(bits/dim [N] float64, evaluations [N]) of uint8 images [N, C, H, W] whose split indices are `indices`."""
     dev = next(denoiser.parameters()).device
@@ -316,7 +301,7 @@ def likelihood(cfg, outdir, device, epoch=None, ema=None, num_images=None, exact
     net, info = load_net(cfg, outdir, epoch, ema, device)
     s, start = cfg["sample"], time.time()
     settings = dict(sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], exact=exact, probes=probes, rtol=rtol, atol=atol)
-    with full_float32(torch.device(device)):
+    with matmul_precision("fp32"):  # TF32 rounding (1e-3) would swamp the divergence, a difference of outputs
         per_image, evals = split_bits(Denoiser(net, cfg["diffusion"]["sigma_data"]), images[:num_images],
                                       classes[:num_images], cfg["network"]["label_dim"], batch, device, **settings)
     mean, se = mean_and_se(per_image)

@@ -7,7 +7,10 @@ import numpy as np
 import torch
 
 
-def normalize(x, dim=None, eps=1e-4):
+EPS = 1e-4  # of normalize: a row of zeros stays finite
+
+
+def normalize(x, dim=None, eps=EPS):
     """Scale every slice of x along `dim` to unit RMS: x / (eps + ||x|| * sqrt(n_slice / n_total)).
 
     dim=None normalises each slice along dim 0 (an output channel of a weight, a sample of a batch).
@@ -46,12 +49,17 @@ def mp_cat(a, b, dim=1, t=0.5):
 @torch.no_grad()
 def force_weight_norm_(module):
     """Forced weight normalisation (EDM2 section 2.4, Config E): rescale every weight that asks for it
-    back to unit-RMS rows, in place and outside the autograd graph.
+    back to unit-RMS rows, in place and outside the autograd graph: normalize(w) for each.
 
     The training loop calls this once before training and after every optimizer step, so the forward
     pass itself stays free of in-place parameter writes (safe under DDP, autocast and torch.compile).
-    Layers opt in by defining `renormalize_()`; Config C layers do not, so this is a no-op there.
+    Layers opt in with `forced_weight_norm = True`; Config C layers do not, so this is a no-op there.
+    One norm kernel per weight, the rest three foreach calls for all of them (docs/PERFORMANCE.md).
     """
-    for m in module.modules():
-        if hasattr(m, "renormalize_"):
-            m.renormalize_()
+    weights = [m.weight for m in module.modules() if getattr(m, "forced_weight_norm", False)]
+    if not weights:
+        return
+    norms = [torch.linalg.vector_norm(w.reshape(len(w), -1), dim=1, keepdim=True, dtype=torch.float32) for w in weights]
+    torch._foreach_mul_(norms, [w[0].numel() ** -0.5 for w in weights])  # the RMS of each row
+    torch._foreach_add_(norms, EPS)
+    torch._foreach_div_(weights, [n.view(-1, *[1] * (w.ndim - 1)) for n, w in zip(norms, weights)])

@@ -225,8 +225,6 @@ def ensure_features(cfg, ckpt, blocks, sigmas, streams, device, images):
         return t_img
 
     net, info = load_net(cfg, ckpt.outdir, ckpt.epoch, ema, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     on_device = {}
     for (sigma, split, flip), todo in missing.items():
         if split not in on_device:

@@ -25,10 +25,10 @@ def seed_for(*values):
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
 
 
-def epoch_order(seed, epoch, num_images, device):
-    """The permutation of the dataset used in `epoch`."""
+def epoch_order(seed, epoch, num_images):
+    """The permutation of the dataset used in `epoch` (on the CPU)."""
     g = torch.Generator().manual_seed(seed_for(seed, epoch, 0xDA7A))
-    return torch.randperm(num_images, generator=g).to(device)
+    return torch.randperm(num_images, generator=g)
 
 
 def step_draws(seed, step, batch_size, image_shape, P_mean, P_std, device):

@@ -3,13 +3,13 @@
 SIGTERM (preemption), SIGINT (Ctrl-C) and SIGUSR1 (what SLURM sends before the time limit with
 --signal=USR1@<seconds>) let the current step finish; a checkpoint is written and training stops. Every
 train.checkpoint_minutes a checkpoint is written anyway. Under torchrun the ranks agree on the step (one tiny
-all-reduce every SYNC_STEPS steps).
+all-reduce between the hosts every SYNC_STEPS steps).
 """
 
 import signal
 import time
 
-import torch
+from tools import dist
 
 
 class StopRequests:
@@ -18,8 +18,8 @@ class StopRequests:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     SYNC_STEPS = 10
 
-    def __init__(self, minutes, rank, world, device):
-        self.every_s, self.rank, self.world, self.device = 60 * minutes, rank, world, device
+    def __init__(self, minutes, rank, world):
+        self.every_s, self.rank, self.world = 60 * minutes, rank, world
         self.signum, self.previous = None, {}
         self.last_save = time.time()
 
@@ -44,9 +44,7 @@ class StopRequests:
             return self.signum, due
         if step % self.SYNC_STEPS:
             return None, False
-        flags = torch.tensor([float(self.signum or 0), float(due)], device=self.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        signum, due = flags.tolist()
+        signum, due = dist.max_over_ranks([float(self.signum or 0), float(due)])  # host to host: no device sync
         return (int(signum) or None), bool(due)
 
     def saved(self):

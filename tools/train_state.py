@@ -16,7 +16,7 @@ from tools.config import build_edm, dump, validate
 from tools.ema import EMAs
 from tools.gns import NoiseScale
 from tools.mp import force_weight_norm_
-from tools.precision import autocast
+from tools.precision import autocast, matmul_precision
 
 RESUME_KEYS = ("unet", "network", "diffusion", "augment")  # sections that must match to resume a run
 RESUME_TRAIN_KEYS = ("seed", "batch_size")
@@ -60,7 +60,8 @@ class TrainState:
         """Estimate the gradient noise scale from the micro-batches of `micro` images in this rank's `per_rank`
         (tools/gns.py), if train.gns is on; call before resume() so that its smoothing resumes too."""
         if self.cfg["train"]["gns"]:
-            self.noise_scale = NoiseScale(self.params, micro, per_rank, self.cfg["train"]["batch_size"], self.device)
+            self.noise_scale = NoiseScale(self.params, micro, per_rank, self.cfg["train"]["batch_size"], self.device,
+                                          dist.world_size())
 
     @property
     def nonfinite_steps(self):
@@ -72,7 +73,12 @@ class TrainState:
     def step(self, model, batch, micro, lr, log):
         """One optimizer step on this rank's share of the global batch, in micro-batches of `micro` images;
         `model` is edm, or its DistributedDataParallel wrapper, which all-reduces on the last micro-batch.
-        Non-finite gradients are zeroed (fp16: GradScaler skips the step instead)."""
+        A step with non-finite gradients leaves weights and Adam's moments as they were (fused Adam skips it, as
+        under GradScaler in fp16); it is counted. Nothing here waits for the device."""
+        with matmul_precision(self.cfg["train"]["precision"]):  # TF32 or not, the backward pass too
+            self._step(model, batch, micro, lr, log)
+
+    def _step(self, model, batch, micro, lr, log):
         y, sigma, noise, class_labels, keys, augment_labels = batch
         per_rank = len(y)
         for m in range(per_rank // micro):
@@ -82,9 +88,12 @@ class TrainState:
             with sync, autocast(self.device, self.cfg["train"]["precision"]):
                 loss = model(y[ms], sigma[ms], noise[ms], None if class_labels is None else class_labels[ms], keys[ms],
                              None if augment_labels is None else augment_labels[ms])
-            self.scaler.scale(loss.sum() / per_rank).backward()
+            scaled = self.scaler.scale(loss.sum() / per_rank)
             if self.noise_scale is not None:
-                self.noise_scale.end_micro_batch(self.scaler._scale if self.fp16 else None)  # _scale: the scale as a tensor (no sync)
+                self.noise_scale.loss_scale = self.scaler._scale if self.fp16 else None  # the scale as a tensor (no sync)
+            scaled.backward()
+            if self.noise_scale is not None:
+                self.noise_scale.end_micro_batch()
             log.add_losses(loss, sigma[ms])
         if augment_labels is not None:
             log.add_augmented(augment_labels)
@@ -97,10 +106,8 @@ class TrainState:
         finite = torch.isfinite(grad_norm)
         if self.noise_scale is not None:
             self.noise_scale.end_step(grad_norm, finite)
-        if not self.fp16:  # one pass: a finite norm means every entry is finite, so only a non-finite step changes
-            zero = torch.zeros((), device=self.device, dtype=grads[0].dtype)
-            for g in grads:
-                torch.where(finite, g, zero, out=g)
+        if not self.fp16:  # GradScaler's protocol for fused optimizers: found_inf = 1 makes the step a no-op
+            self.opt.grad_scale, self.opt.found_inf = None, (~finite).to(torch.float32)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)

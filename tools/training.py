@@ -49,19 +49,19 @@ class Run:
         use_deterministic(self.T["deterministic"])
         dist.on_rank0(claim_run_directory, self.outdir)  # one writer per run directory, before anything is written
         self.data = Batches(cfg, self.rank, self.world, device)  # the training set on the device; this rank's share of each batch
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.state = TrainState(cfg, device)
         self.state.track_noise_scale(self.data.micro, self.data.per_rank)
         if self.state.resume(self.outdir, self.data.epoch_img):
             dist.print0(f"resumed {self.outdir} at epoch {self.epoch:g} ({self.state.t_img / 1000:.1f} kimg)")
         if self.rank == 0:
             atomic_write(os.path.join(self.outdir, "config.yaml"), lambda f: f.write(dump(cfg).encode()))
-        if self.T["compile"]:
-            self.state.edm.net.compile()
         edm = self.state.edm
         self.model = DistributedDataParallel(edm, device_ids=[device] if device.type == "cuda" else None,
                                              broadcast_buffers=False) if self.world > 1 else edm
+        if self.state.noise_scale is not None and self.world > 1:
+            self.state.noise_scale.attach(self.model)
+        if self.T["compile"]:  # the DDP wrapper first: compile then splits the graph at DDP's buckets, whose all-reduce
+            self.model.compile()  # overlaps the rest of the backward pass (DDPOptimizer)
         self.step = self.state.t_img // self.data.batch_size
         self.total_steps = self.T["epochs"] * self.data.steps_per_epoch
         self.log = TrainingLog(cfg, self.outdir, self.rank, self.world, device, self.step, self.data.epoch_img)
@@ -132,7 +132,7 @@ def train(cfg, device):
                 f"{data.steps_per_epoch} steps; run directory {run.outdir}")
     bar = progress(run.total_steps, initial=run.step, desc="training", unit="step", enabled=run.rank == 0)
     try:
-        with StopRequests(T["checkpoint_minutes"], run.rank, run.world, device) as stops:
+        with StopRequests(T["checkpoint_minutes"], run.rank, run.world) as stops:
             while run.step < run.total_steps:
                 run.train_step()
                 bar.update(1)
