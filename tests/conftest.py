@@ -35,11 +35,17 @@ def run_script(*args, env=None, check=True, timeout=600):
     return proc
 
 
+def train_here(*args):
+    """train.py's main in this process: the run a user's command makes, without an interpreter's start-up (seconds)."""
+    import train
+    train.main([str(a) for a in args])
+
+
 @pytest.fixture(scope="session")
 def trained_digits_run(tmp_path_factory):
     """A digits Config E run trained for 4 epochs (about 30 s on 2 cores), shared by the tests that need weights."""
     outdir = str(tmp_path_factory.mktemp("digits-E"))
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", outdir, "train.epochs=4", "train.grid_epochs=0", "train.eval_epochs=0",
+    train_here("--config", "config/digits/E.yaml", "--outdir", outdir, "train.epochs=4", "train.grid_epochs=0", "train.eval_epochs=0",
                "train.checkpoint_epochs=2")
     return outdir
 
@@ -58,7 +64,7 @@ THREE_EMA_FAST = ["network.model_channels=8", "train.batch_size=128", "train.gri
 def three_ema_run(tmp_path_factory):
     """6 epochs of digits E tracking power EMAs at sigma_rel 0.05, 0.10 and, directly, the target 0.075."""
     outdir = tmp_path_factory.mktemp("three_ema")
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(outdir), *THREE_EMA_FAST, "train.epochs=6",
+    train_here("--config", "config/digits/E.yaml", "--outdir", outdir, *THREE_EMA_FAST, "train.epochs=6",
                "ema.sigma_rels=[0.05,0.10,0.075]")
     return outdir
 
@@ -76,7 +82,7 @@ def cond_run(tmp_path_factory):
     """Conditional digits Config E as configured (label dropout 0.1), trained briefly: checkpoints at epochs 4
     (the autoguidance guide) and 8, the training grid at the end."""
     outdir = str(tmp_path_factory.mktemp("digits-E-cond"))
-    run_script("train.py", "--config", COND, "--outdir", outdir, f"train.epochs={COND_EPOCHS}", "train.checkpoint_epochs=4",
+    train_here("--config", COND, "--outdir", outdir, f"train.epochs={COND_EPOCHS}", "train.checkpoint_epochs=4",
                "train.keep_checkpoints=0", f"train.grid_epochs={COND_EPOCHS}", "train.log_steps=11", "ema.snapshot_epochs=4", "train.eval_epochs=0")
     return outdir
 

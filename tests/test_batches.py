@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import COND, DIGITS, ROOT, assert_one_line_exit_2, run_script
+from conftest import COND, DIGITS, ROOT, assert_one_line_exit_2, one_line_error, run_script
 from tools.augment import AUGMENT_DIM
 from tools.batches import Batches
 from tools.bench import NoLog
@@ -99,10 +99,10 @@ def test_the_log_and_the_grid_show_the_augmentation(augmented_run):
 
 
 def test_a_changed_augment_section_refuses_to_resume(augmented_run, tmp_path):
+    import train as entry
     shutil.copytree(augmented_run, tmp_path / "run")
-    proc = train(tmp_path / "run", "augment.p=0.3", "train.epochs=3", check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "holds a run with a different 'augment'" in lines[0], proc.stderr
+    args = ["--config", os.path.join(ROOT, DIGITS), "--outdir", str(tmp_path / "run"), *FAST, "augment.p=0.3", "train.epochs=3"]
+    assert "holds a run with a different 'augment'" in one_line_error(entry.main, args)
     assert not (tmp_path / "run" / "checkpoints" / "epoch_3.pt").exists()
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_script, train_here
 from tools import inception
 from tools.checkpoint import load_epoch, read_jsonl
 from tools.config import build_edm
@@ -89,7 +89,7 @@ def test_memorising_a_tiny_training_set_widens_the_gap(tmp_path):
     held-out ones, and the gap between the two losses grows from one evaluation to the next."""
     data = digits_folder(tmp_path / "data", 16)
     run = tmp_path / "run"
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(run), *data,
+    train_here("--config", "config/digits/E.yaml", "--outdir", run, *data,
                f"data.cache={tmp_path / 'cache'}", "train.batch_size=16", "train.epochs=150",
                "train.eval_epochs=25", "train.eval_samples=0", "train.grid_epochs=0", "train.checkpoint_epochs=150",
                "train.lr_rampup_epochs=10", "train.lr_ref_epochs=0", "ema.classic_halflife_kimg=0.3", "ema.snapshot_epochs=0",
@@ -105,18 +105,19 @@ def test_memorising_a_tiny_training_set_widens_the_gap(tmp_path):
     assert summary["final_gap"] == gaps[-1] and summary["eval_points"] == 6
 
 
-def test_curves_continue_across_a_resume_without_repeats(tmp_path, metric_cache):
+def test_curves_continue_across_a_resume_without_repeats(tmp_path, metric_cache, capsys):
     """A run killed after its epoch-2 evaluation but before the epoch-2 checkpoint (simulated by deleting that
     checkpoint) replays epoch 2 on resume: metrics.jsonl and TensorBoard hold each point once, equal to one go."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     cache = f"data.cache={metric_cache}"
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(tmp_path / "one"), *FAST, cache, "train.epochs=3")
+    train_here("--config", "config/digits/E.yaml", "--outdir", tmp_path / "one", *FAST, cache, "train.epochs=3")
     two = tmp_path / "two"
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(two), *FAST, cache, "train.epochs=2")
+    train_here("--config", "config/digits/E.yaml", "--outdir", two, *FAST, cache, "train.epochs=2")
     for name in ("epoch_2.pt", "epoch_2.pt.sha256"):
         os.remove(two / "checkpoints" / name)
-    proc = run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(two), *FAST, cache, "train.epochs=3")
-    assert "resumed" in proc.stdout and "at epoch 1 " in proc.stdout
+    capsys.readouterr()
+    train_here("--config", "config/digits/E.yaml", "--outdir", two, *FAST, cache, "train.epochs=3")
+    assert f"resumed {two} at epoch 1 " in capsys.readouterr().out
     for kind in ("eval", "curve"):
         a, b = rows_of(tmp_path / "one", kind), rows_of(two, kind)
         assert [r["epoch"] for r in b] == [1, 2, 3]
@@ -139,7 +140,7 @@ def test_curves_continue_across_a_resume_without_repeats(tmp_path, metric_cache)
 
     # Started afresh (checkpoints moved away, as the resume error suggests): the new run's rows are all written.
     shutil.move(two / "checkpoints", tmp_path / "old-checkpoints")
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(two), *FAST, cache, "train.epochs=1", "train.eval_samples=0")
+    train_here("--config", "config/digits/E.yaml", "--outdir", two, *FAST, cache, "train.epochs=1", "train.eval_samples=0")
     assert [r["epoch"] for r in rows_of(two, "eval")] == [1, 2, 3, 1]
 
 
@@ -175,7 +176,7 @@ def test_conditional_run_evaluates_with_labels(tmp_path, metric_cache, capsys):
     assert max(abs(a - b) for a, b in zip(with_labels, other)) > 1e-3, (with_labels, other)
 
 
-def test_inception_joins_the_curve_where_local_weights_exist(tmp_path):
+def test_inception_joins_the_curve_where_local_weights_exist(tmp_path, monkeypatch):
     """train.eval_inception with FID_INCEPTION_WEIGHTS set (a fixed random Inception here; nothing is downloaded):
     the curve also carries Inception FD and KID, against the training split's statistics computed once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -184,8 +185,9 @@ def test_inception_joins_the_curve_where_local_weights_exist(tmp_path):
     torch.save(inception.random_inception_state_dict(), weights)
     data = digits_folder(tmp_path / "data", 40, classes=True)
     run = tmp_path / "run"
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", str(run), *data, *FAST, f"data.cache={tmp_path / 'cache'}",
-                "train.batch_size=20", "train.epochs=1", "train.eval_inception=true", env={"FID_INCEPTION_WEIGHTS": str(weights)})
+    monkeypatch.setenv("FID_INCEPTION_WEIGHTS", str(weights))
+    train_here("--config", "config/digits/E.yaml", "--outdir", run, *data, *FAST, f"data.cache={tmp_path / 'cache'}",
+               "train.batch_size=20", "train.epochs=1", "train.eval_inception=true")
     (curve,) = rows_of(run, "curve")
     assert curve["FID_inception"] > 0 and curve["KID_inception_std"] > 0 and curve["FD_classifier"] > 0
     refs = [f for f in os.listdir(tmp_path / "cache" / "fid-refs") if f.endswith(".npz")]

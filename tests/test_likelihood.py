@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_script, train_here
 from tools import likelihood as L
 from tools.data import to_float, to_uint8
 
@@ -164,7 +164,7 @@ PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP threads sleep: two threa
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("likelihood-run"))
-    run_script("train.py", "--config", "config/digits/E.yaml", "--outdir", outdir, *TINY, env=PASSIVE)
+    train_here("--config", "config/digits/E.yaml", "--outdir", outdir, *TINY)
     return outdir
 
 
