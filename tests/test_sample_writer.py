@@ -43,9 +43,9 @@ def wait_for(condition, seconds=10.0):
         time.sleep(0.005)
 
 
-def fork_writer(out, seeds, start=None, **kwargs):
+def fork_writer(out, seeds, start=None, pace=0.0, **kwargs):
     """A child process (forked: no second import of torch) writing image(seed) for `seeds` into `out`,
-    after reading one byte from the pipe `start` if given. Returns its pid."""
+    after reading one byte from the pipe `start` if given, at most one image per `pace` seconds. Returns its pid."""
     Image.init()  # PIL's plugins imported here: a forked child must not need the import lock
     pid = os.fork()
     if pid == 0:
@@ -56,6 +56,7 @@ def fork_writer(out, seeds, start=None, **kwargs):
             with SampleWriter(out, **kwargs) as w:
                 for s in seeds:
                     w.write(s, image(s))
+                    time.sleep(pace)
             code = 0
         finally:
             os._exit(code)
@@ -116,7 +117,8 @@ def test_sigkill_at_random_moments_never_counts_a_broken_png(tmp_path):
     killed, done = 0, set()
     for round in range(6):
         left = [s for s in seeds if s not in done]
-        pid = fork_writer(out, left, record_every=10, record_seconds=0.01, sync=False)
+        # Paced (500 images/s at most): the ~10-50 ms from the target to the kill cannot let a fast machine finish.
+        pid = fork_writer(out, left, pace=0.002, record_every=10, record_seconds=0.01, sync=False)
         # Killed once its records pass a random point in the first quarter of what is left, after a random moment more:
         # at any speed of the machine, the writer is busy when the kill comes (a kill after a fixed time found fast
         # writers done).
