@@ -76,7 +76,7 @@ class Block(torch.nn.Module):
         self.resample_mode = resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout = dropout
-        self.dropout_salt = 0  # set by the UNet: tells the blocks' dropout masks apart
+        self.dropout_salt = 0  # tells the blocks' dropout masks apart (tools.layers.number_dropout_layers)
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.conv_res0 = Conv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=(3, 3))
         self.emb_linear = Conv(emb_channels, out_channels)

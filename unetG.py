@@ -68,10 +68,8 @@ class UNet(torch.nn.Module):
                 cin, cout = cout + skips.pop(), channels
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="dec", attention=(res in attn_resolutions), **block_kwargs)
         self.out_conv = Conv(cout, img_channels, kernel=(3, 3))
-        for salt, block in enumerate(m for m in self.modules() if isinstance(m, Block)):
-            block.dropout_salt = salt
 
-    def forward(self, x, noise_labels, class_labels=None, dropout_keys=None, augment_labels=None):
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, **block_kwargs):
         # Embedding.
         emb = self.emb_fourier(noise_labels)
         if self.emb_augment is not None:  # what was done to the image; zeros (nothing) unless training augmented it
@@ -86,12 +84,12 @@ class UNet(torch.nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if "conv" in name else block(x, emb, dropout_keys)
+            x = block(x) if "conv" in name else block(x, emb, **block_kwargs)
             skips.append(x)
 
         # Decoder.
         for name, block in self.dec.items():
             if "block" in name:
                 x = mp_cat(x, skips.pop(), t=CONCAT_BALANCE)
-            x = block(x, emb, dropout_keys)
+            x = block(x, emb, **block_kwargs)
         return self.out_conv(x, gain=self.out_gain)

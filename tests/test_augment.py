@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tools.augment import AUGMENT_DIM, DEFAULTS, DRAWS, NUM_DRAWS, SLOTS, STRENGTHS, TRANSFORMS, Augment, applied_fraction, step_generator
+from tools.augment import AUGMENT_DIM, DEFAULTS, DRAWS, NUM_DRAWS, SLOTS, STRENGTHS, TRANSFORMS, Augment, applied_fraction
 from tools.cli import UserError
+from tools.rng import AUGMENT_DRAWS, generator
 
 RESAMPLING = ("scale_iso", "rotate", "scale_aniso", "translate_frac")
 RESAMPLING_SLOTS = slice(SLOTS["scale_iso"].start, SLOTS["translate_frac"].stop)
@@ -80,7 +81,7 @@ def test_flips_and_integer_translation_equal_numpy_reflect_indexing():
     N, C, H, W = 64, 2, 12, 16
     images = torch.rand(N, C, H, W) * 2 - 1
     aug = Augment(0.6, ("yflip", "translate_int"), xflip=0.6, translate_int_max=0.5)
-    out, vectors = aug(images, aug.draw(N, step_generator(1, 2)))
+    out, vectors = aug(images, aug.draw(N, generator(1, 2, AUGMENT_DRAWS)))
     v = vectors.numpy()
     assert set(np.unique(v[:, :2])) == {0.0, 1.0} and np.abs(v[:, 4:]).max() == 0
     shifts = np.rint(v[:, 2:4] * [W, H]).astype(int)
@@ -109,7 +110,7 @@ def test_flips_and_integer_translation_equal_numpy_reflect_indexing():
 def test_zero_strength_is_the_identity_bit_exactly(transforms, strengths):
     images = torch.randn(32, 3, 16, 16)
     aug = Augment(1.0, transforms, **strengths)
-    out, vectors = aug(images, aug.draw(32, step_generator(0, 0)))
+    out, vectors = aug(images, aug.draw(32, generator(0, 0, AUGMENT_DRAWS)))
     assert torch.equal(out, images) and not vectors.any()
 
 
@@ -124,7 +125,7 @@ def test_a_constant_image_stays_constant(size):
     """Every stage keeps a constant (filters of unit DC gain, reflection), also for images smaller than
     the filter's reach."""
     aug = Augment(1.0)
-    out, vectors = aug(torch.full([8, 2, size, size], 0.37), aug.draw(8, step_generator(0, size)))
+    out, vectors = aug(torch.full([8, 2, size, size], 0.37), aug.draw(8, generator(0, size, AUGMENT_DRAWS)))
     assert vectors[:, RESAMPLING_SLOTS].ne(0).all(1).all()
     assert (out - 0.37).abs().max() < 1e-5
 
@@ -132,7 +133,7 @@ def test_a_constant_image_stays_constant(size):
 def test_vector_is_zero_exactly_for_the_untouched_images():
     images = torch.randn(400, 1, 16, 16)
     aug = Augment(0.1)
-    out, vectors = aug(images, aug.draw(400, step_generator(3, 4)))
+    out, vectors = aug(images, aug.draw(400, generator(3, 4, AUGMENT_DRAWS)))
     untouched = ~vectors.ne(0).any(1)
     assert 100 < untouched.sum() < 300
     assert torch.equal(out[untouched], images[untouched])
@@ -146,7 +147,7 @@ def test_resampling_vectors_encode_the_transform_applied():
     N, H, W = 24, 32, 32
     picture = as_batch(blobs(*grid(H, W), H, W)).expand(N, 1, H, W)
     aug = Augment(1.0, RESAMPLING)
-    out, vectors = aug(picture, aug.draw(N, step_generator(5, 6)))
+    out, vectors = aug(picture, aug.draw(N, generator(5, 6, AUGMENT_DRAWS)))
     assert vectors[:, SLOTS["rotate"]].ne(0).all() and vectors[:, SLOTS["scale_aniso"]].ne(0).all()
     errors = [np.abs(out[i, 0].numpy() - render_expected(blobs, vectors[i].double().numpy(), H, W)).max() for i in range(N)]
     assert max(errors) < 0.02, errors
@@ -225,9 +226,9 @@ def test_rotated_pattern_below_nyquist_keeps_its_contrast():
 
 def test_an_image_does_not_depend_on_its_batch():
     aug = Augment(0.7)
-    images, draws = torch.rand(12, 3, 16, 16) * 2 - 1, aug.draw(12, step_generator(7, 8))
+    images, draws = torch.rand(12, 3, 16, 16) * 2 - 1, aug.draw(12, generator(7, 8, AUGMENT_DRAWS))
     alone, alone_v = aug(images, draws)
-    others, other_draws = torch.rand(5, 3, 16, 16) * 2 - 1, aug.draw(5, step_generator(9, 9))
+    others, other_draws = torch.rand(5, 3, 16, 16) * 2 - 1, aug.draw(5, generator(9, 9, AUGMENT_DRAWS))
     picks = [3, 7, 11]
     mixed = torch.cat([others[:2], images[picks], others[2:]])
     mixed_draws = torch.cat([other_draws[:2], draws[picks], other_draws[2:]])
@@ -239,7 +240,7 @@ def test_an_image_does_not_depend_on_its_batch():
 def test_each_transform_is_applied_with_probability_p_and_the_xflip_with_its_own():
     N, p, q, size = 20000, 0.3, 0.5, 32
     aug = Augment(p, xflip=q)
-    vectors = aug.vectors(aug.draw(N, step_generator(11, 12)), (size, size))
+    vectors = aug.vectors(aug.draw(N, generator(11, 12, AUGMENT_DRAWS)), (size, size))
     applied = {t: vectors[:, s].ne(0).any(1).double() for t, s in SLOTS.items()}
     # integer translation can round to (0, 0): P = (0.5 / (0.125 * 32))^2 = 1/64 for U(-4, 4) px per axis
     rate = {t: p * (1 - 1 / 64) if t == "translate_int" else q if t == "xflip" else p for t in TRANSFORMS}
@@ -255,7 +256,7 @@ def test_each_transform_is_applied_with_probability_p_and_the_xflip_with_its_own
 def test_parameters_follow_the_documented_distributions():
     N = 20000
     aug = Augment(1.0)
-    v = aug.vectors(aug.draw(N, step_generator(13, 14)), (32, 32)).numpy()
+    v = aug.vectors(aug.draw(N, generator(13, 14, AUGMENT_DRAWS)), (32, 32)).numpy()
     assert np.std(v[:, 4]) == pytest.approx(0.2, rel=0.03) and abs(np.mean(v[:, 4])) < 0.01
     theta = np.arctan2(v[:, 6], 1 + v[:, 5])
     assert np.histogram(theta, bins=8, range=(-np.pi, np.pi))[0] == pytest.approx(np.full(8, N / 8), rel=0.08)
@@ -269,9 +270,9 @@ def test_parameters_follow_the_documented_distributions():
 
 def test_draws_depend_on_seed_and_step_only():
     aug = Augment(0.5)
-    a, b = aug.draw(8, step_generator(1, 5)), aug.draw(8, step_generator(1, 5))
+    a, b = aug.draw(8, generator(1, 5, AUGMENT_DRAWS)), aug.draw(8, generator(1, 5, AUGMENT_DRAWS))
     assert a.dtype == torch.float32 and a.shape == (8, aug.num_draws) and torch.equal(a, b)
-    assert not torch.equal(a, aug.draw(8, step_generator(1, 6))) and not torch.equal(a, aug.draw(8, step_generator(2, 5)))
+    assert not torch.equal(a, aug.draw(8, generator(1, 6, AUGMENT_DRAWS))) and not torch.equal(a, aug.draw(8, generator(2, 5, AUGMENT_DRAWS)))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -299,7 +300,7 @@ def test_bad_settings_raise_a_one_line_user_error(kwargs, message):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     aug = Augment(1.0, xflip=0.5)
-    images, draws = torch.rand(64, 3, 32, 32) * 2 - 1, aug.draw(64, step_generator(0, 1))
+    images, draws = torch.rand(64, 3, 32, 32) * 2 - 1, aug.draw(64, generator(0, 1, AUGMENT_DRAWS))
     cpu, cpu_v = aug(images, draws)
     gpu, gpu_v = aug(images.cuda(), draws)
     assert gpu.device.type == "cuda" and gpu_v.device.type == "cuda"

@@ -27,6 +27,18 @@ from tools.runs import load_net, resolve
 from tools.train_state import TrainState
 
 
+def test_each_epoch_is_a_permutation_fixed_by_seed_and_epoch():
+    """Every image once per epoch, in an order that the seed and the epoch fix and nothing else."""
+    def order(seed, epoch):
+        batches = Batches(load_config(DIGITS, ["data.max_images=96", "train.batch_size=32", f"train.seed={seed}"]), 0, 1,
+                          torch.device("cpu"))
+        batches.batch(epoch * batches.steps_per_epoch + 1)
+        return batches.perm.clone()
+    a = order(0, 3)
+    assert torch.equal(a, order(0, 3)) and torch.equal(a.sort().values, torch.arange(96))
+    assert not torch.equal(a, order(0, 4)) and not torch.equal(a, order(1, 3))
+
+
 def test_too_few_label_dims_for_the_classes_is_one_line(tmp_path):
     proc = run_script("train.py", "--config", COND, "--outdir", str(tmp_path), "network.label_dim=5", check=False)
     lines = proc.stderr.strip().splitlines()
@@ -66,7 +78,7 @@ def test_p_zero_trains_the_same_bits_as_no_augment_section():
         data, state = Batches(cfg, 0, 1, device), TrainState(cfg, device)
         for step in range(3):
             batch = data.batch(step)
-            assert batch[5] is None
+            assert batch.conditioning["augment_labels"] is None
             state.step(state.edm, batch, data.micro, 0.01, NoLog())
         states.append(state.edm.state_dict())
     assert states[0].keys() == states[1].keys() and not any("augment" in k for k in states[0])
@@ -83,9 +95,13 @@ def test_augmentation_follows_the_sample_not_the_rank():
     one, two = Batches(cfg, 0, 1, device), [Batches(cfg, rank, 2, device) for rank in (0, 1)]
     for step in (0, 7):
         whole, halves = one.batch(step), [b.batch(step) for b in two]
-        assert whole[5].any(1).float().mean() > 0.9
-        for k in (0, 1, 2, 4, 5):
-            assert torch.equal(torch.cat([h[k] for h in halves]), whole[k]), k
+        assert whole.conditioning["augment_labels"].any(1).float().mean() > 0.9
+        assert torch.equal(torch.cat([h.images for h in halves]), whole.images)
+        for k in ("augment_labels", "dropout_keys"):
+            assert torch.equal(torch.cat([h.conditioning[k] for h in halves]), whole.conditioning[k]), k
+        whole_rows, half_rows = whole.normals.rows(whole.rows), [h.normals.rows(h.rows) for h in halves]
+        for shape in ((), (1, 16, 16)):  # the loss's two requests: noise levels, then noise
+            assert torch.equal(torch.cat([r.randn(*shape) for r in half_rows]), whole_rows.randn(*shape))
 
 
 def test_the_log_and_the_grid_show_the_augmentation(augmented_run):
@@ -120,7 +136,7 @@ def test_sampling_evaluation_and_probe_tell_the_network_nothing_was_done(augment
     edm = build_edm(cfg)
     images, labels = load_dataset(cfg, "train")
     Evaluator(cfg, images, labels, 0, 1, device).losses(denoiser, edm.loss, 0, contextlib.nullcontext)
-    extract_features(net, cfg["diffusion"]["sigma_data"], images[:4], 0.06, ["dec.8x8_block1"], torch.arange(4), 4)
+    extract_features(net, cfg["diffusion"]["sigma_data"], images[:4], 0.06, ["dec.8x8_block1"], 0, 4)
     assert len(seen) >= 5 + 6 + 1 and all(a.shape[1] == AUGMENT_DIM and not a.any() for a in seen)
 
 
@@ -134,8 +150,9 @@ def test_a_training_step_tells_the_network_what_was_applied():
     state.edm.net.emb_augment.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().clone()))
     batch = data.batch(3)
     state.step(state.edm, batch, data.micro, 0.01, NoLog())
-    assert len(seen) == 2 and batch[5].shape == (256, AUGMENT_DIM) and batch[5].any(1).float().mean() > 0.9
-    assert torch.equal(torch.cat(seen), batch[5])
+    applied = batch.conditioning["augment_labels"]
+    assert len(seen) == 2 and applied.shape == (256, AUGMENT_DIM) and applied.any(1).float().mean() > 0.9
+    assert torch.equal(torch.cat(seen), applied)
 
 
 def test_leaky_xflip_flips_half_the_images_whatever_the_rank_count():
@@ -151,8 +168,9 @@ def test_leaky_xflip_flips_half_the_images_whatever_the_rank_count():
     flips = []
     for step in range(40):
         whole = one.batch(step)
-        assert whole[5] is None and torch.equal(torch.cat([b.batch(step)[0] for b in two]), whole[0])
-        for y in whole[0]:
+        assert whole.conditioning["augment_labels"] is None
+        assert torch.equal(torch.cat([b.batch(step).images for b in two]), whole.images)
+        for y in whole.images:
             key = y.numpy().tobytes()
             assert (key in plain) != (key in mirrored)
             flips.append(key in mirrored)

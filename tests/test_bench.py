@@ -34,7 +34,7 @@ def test_bench_prints_one_json_line_without_a_dataset(tmp_path):
 @pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--batch", "0"), ("--sample-batch", "-1"), ("--gpus", "0"),
                                         ("--warmup", "-1")])
 def test_bench_bad_flag_is_one_line(flag, value):
-    """Every bad value stops in one line naming its flag (--batch 0 once ran the config's batch instead)."""
+    """Every bad value stops in one line naming its flag (--batch 0 must not fall back to the config's batch)."""
     from tools import bench
     from conftest import one_line_error
     assert one_line_error(bench.main, ["--config", DIGITS, flag, value]).startswith(f"{flag} must be")

@@ -35,8 +35,16 @@ class FullDisk(io.FileIO):
         return written
 
 
+def fake_writes(monkeypatch, make):
+    """Files tools.checkpoint opens for writing come from make(path, mode), or the real open() where it returns None."""
+    def fake_open(path, mode="r", *args, **kwargs):
+        fake = make(os.fspath(path), mode) if "w" in mode or "a" in mode else None
+        return open(path, mode, *args, **kwargs) if fake is None else fake
+    monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)  # the module's open(): the builtin elsewhere
+
+
 def fill_disk(monkeypatch, room):
-    monkeypatch.setattr(checkpoint, "_open_for_writing", lambda path, mode="wb": FullDisk(path, mode, room))
+    fake_writes(monkeypatch, lambda path, mode: FullDisk(path, mode, room))
 
 
 # ---------------------------------------------------------------------------------------------------- checksums
@@ -66,7 +74,7 @@ def test_flipped_byte_in_checkpoint_is_refused_and_the_previous_one_used(tmp_pat
 
 
 def test_file_without_manifest_loads_unverified(tmp_path):
-    """Files written before manifests existed, or by plain torch.save."""
+    """Plain torch.save, or a crash between a file and its manifest."""
     old = str(tmp_path / "epoch_1.pt")
     torch.save({"net": {"w": weights(1.0)}}, old)
     assert load(old)["net"]["w"][0] == 1
@@ -91,9 +99,7 @@ def test_crash_before_the_new_manifest_never_pairs_old_digest_with_new_file(tmp_
     without manifest and loads unverified; the old file's digest is gone, not left to judge the new file."""
     path = str(tmp_path / "a.pt")
     atomic_save({"w": weights(1.0)}, path)
-    real_open = checkpoint._open_for_writing
-    monkeypatch.setattr(checkpoint, "_open_for_writing", lambda p, mode="wb": (
-        FullDisk(p, mode, 0) if ".sha256.tmp-" in p else real_open(p, mode)))
+    fake_writes(monkeypatch, lambda p, mode: FullDisk(p, mode, 0) if ".sha256.tmp-" in p else None)
     assert f"{DISK_FULL} {manifest_path(path)}" in one_line_error(atomic_save, {"w": weights(2.0)}, path)
     assert os.listdir(tmp_path) == ["a.pt"] and load(path)["w"][0] == 2
 
@@ -175,8 +181,8 @@ def test_remove_stale_temp_removes_only_dead_writers_on_this_host(tmp_path):
     live = temp_path(target)
     assert live.endswith(f"-{os.getpid()}") and checkpoint.TEMP_NAME.fullmatch(os.path.basename(live))
     dead = live[:-len(str(os.getpid()))] + str(child.pid)
-    other_host = f"{target}.tmp-not{checkpoint._host()}-{child.pid}"
-    old_style = f"{target}.tmp{child.pid}"  # written before temp names carried the host: unknown, kept
+    other_host = f"{target}.tmp-not{checkpoint.host_name()}-{child.pid}"
+    old_style = f"{target}.tmp{child.pid}"  # a name without a host: not ours to judge, kept
     for p in (live, dead, other_host, old_style, target):
         open(p, "wb").write(b"partial")
     assert remove_stale_temp(str(tmp_path)) == [dead]
@@ -194,8 +200,3 @@ def test_temp_names_are_not_taken_for_results(tmp_path):
         open(p, "wb").write(b"x")
     open(temp_path(str(tmp_path / "000000.png")), "wb").write(b"x")
     assert list_checkpoints(str(tmp_path)) == [] and png_paths(str(tmp_path)) == []
-
-
-# ---------------------------------------------------------------------------------------------------- log.txt
-
-

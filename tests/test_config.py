@@ -10,7 +10,10 @@ import torch
 
 from conftest import ROOT
 from tools.cli import UserError
+from tools.batches import Batches
 from tools.config import build_network, load_config
+from tools.edm import LOSSES, EDMLoss
+from tools.train_state import TrainState
 
 DIGITS = "config/digits/E.yaml"
 
@@ -142,6 +145,41 @@ def test_unet_must_be_a_network_file_and_is_not_imported_otherwise(tmp_path):
     for name in ("tools/config.py", "../unetE.py", "unetE", "unetZ.py"):
         with pytest.raises(UserError, match="is not a network file"):
             load_config(with_unet(tmp_path, name))
+
+
+class ScaledSigma(EDMLoss):
+    """A loss that draws every noise level `factor` times EDMLoss's, with an argument of its own."""
+
+    def __init__(self, factor=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def sigma(self, normal):
+        return self.factor * super().sigma(normal)
+
+
+def test_a_registered_loss_is_what_training_draws_and_its_arguments_are_diffusion_keys(monkeypatch):
+    """`loss: NAME` picks a class of tools.edm.LOSSES; its constructor's arguments (its own and, through **kwargs, EDMLoss's)
+    are the diffusion keys, checked as network keys are; the training step's noise levels are the class's sigma()."""
+    monkeypatch.setitem(LOSSES, "ScaledSigma", ScaledSigma)
+    small = ["network.model_channels=8", "network.channel_mult=[1]", "network.attn_resolutions=[]", "train.batch_size=8"]
+    cfg = load_config(DIGITS, ["loss=ScaledSigma", "diffusion.factor=0.25", "diffusion.P_mean=-1.0", *small])
+    assert cfg["loss"] == "ScaledSigma" and cfg["diffusion"]["factor"] == 0.25 and cfg["diffusion"]["P_std"] == 1.2
+    for bad, message in (("diffusion.facter=1", "unknown key diffusion.facter"), ("diffusion.P_std=0", "diffusion.P_std must be")):
+        with pytest.raises(UserError, match=message):
+            load_config(DIGITS, ["loss=ScaledSigma", bad])
+    with pytest.raises(UserError, match=r"loss: 'Nope' is not a loss of tools/edm.py; allowed: EDMLoss, ScaledSigma"):
+        load_config(DIGITS, ["loss=Nope"])
+    sigmas = []
+    for loss in (["loss=ScaledSigma", "diffusion.factor=0.25"], ["loss=EDMLoss"]):
+        cfg = load_config(DIGITS, [*loss, "diffusion.P_mean=-1.0", *small])
+        data, state = Batches(cfg, 0, 1, torch.device("cpu")), TrainState(cfg, torch.device("cpu"))
+        log = type("Log", (), dict(add_losses=lambda self, loss, sigma: sigmas.append(sigma.clone()), add_augmented=lambda *a: None,
+                                   add_step=lambda *a: None))()
+        state.step(state.edm, data.batch(0), data.micro, 0.01, log)
+    normal = data.batch(0).normals.rows(slice(0, 8)).randn()  # the step's first draw: the noise levels
+    torch.testing.assert_close(sigmas[1], (normal * 1.2 - 1.0).exp(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sigmas[0], 0.25 * sigmas[1], rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------

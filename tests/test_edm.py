@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tools.edm import Denoiser, EDMLoss
+from tools.rng import StepNormals
 
 
 def test_uncertainty_is_float32_under_autocast():
@@ -16,6 +17,16 @@ def test_uncertainty_is_float32_under_autocast():
         u = loss.uncertainty(sigma)
     assert u.dtype == torch.float32
     torch.testing.assert_close(u, reference, rtol=0, atol=0)
+
+
+def test_training_noise_levels_are_log_normal_from_the_steps_first_draw():
+    """ln(sigma) ~ N(P_mean, P_std^2) (EDM2: -1.2, 1.2), made from the step's first standard-normal draw."""
+    n = 2 ** 16
+    sigma = EDMLoss().sigma(StepNormals(0, 3, n, "cpu").rows(slice(0, n)).randn())
+    assert sigma.log().mean().item() == pytest.approx(-1.2, abs=0.02) and sigma.log().std().item() == pytest.approx(1.2, abs=0.02)
+    images, rows = torch.zeros(4, 1, 2, 2), lambda: StepNormals(0, 3, 8, "cpu").rows(slice(4, 8))
+    _, drawn = EDMLoss(loss_weighting="scaled")(Denoiser(ConstantNet(0.0), 0.5), images, rows())
+    torch.testing.assert_close(drawn, EDMLoss().sigma(rows().randn()), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------- preconditioning by its defining property
@@ -83,11 +94,11 @@ def test_effective_training_target_has_unit_variance_at_every_sigma(sigma_data):
 def test_scaled_loss_of_a_zero_network_is_one_at_every_sigma(sigma_data):
     """EDM appendix B.6: lambda(sigma) = 1 / c_out^2, so with F = 0 the 'scaled' loss
     lambda E[(c_skip x - y)^2] = E[F_target^2] = 1 at every noise level."""
-    loss = EDMLoss(sigma_data=sigma_data, weighting="scaled")
+    loss = EDMLoss(sigma_data=sigma_data, loss_weighting="scaled")
     denoiser = Denoiser(ConstantNet(0.0), sigma_data)
 
     def zero_net_loss(y, n):
-        return loss(denoiser, y, SIGMAS, n)
+        return loss.at(denoiser, y, SIGMAS, n)
 
     torch.testing.assert_close(expectation(zero_net_loss, sigma_data), torch.ones(len(SIGMAS), dtype=torch.float64),
                                rtol=0, atol=FLOAT32_ATOL)

@@ -46,7 +46,7 @@ def test_validation_loss_is_the_training_loss_at_fixed_sigmas_and_noise(trained_
     (row,) = first
     assert row["kind"] == "eval" and row["images"] == 64 and row["sigmas"] == cfg["train"]["eval_sigmas"]
 
-    # The training loss function (EDM.forward, what train.py's step calls) of the EMA weights, in one batch of 64.
+    # The training loss function (EDMLoss, what train.py's step calls) of the EMA weights, in one batch of 64.
     heldout, _ = load_dataset(cfg, "test")
     edm.net.eval()
     for split, images, logged in ((HELDOUT, heldout, row["val_loss_by_sigma"]), (TRAIN, train_images, row["train_loss_by_sigma"])):
@@ -54,7 +54,7 @@ def test_validation_loss_is_the_training_loss_at_fixed_sigmas_and_noise(trained_
         assert len(set(idx.tolist())) == 64
         y, noise = to_float(images[idx]), fixed_noise(split, idx.tolist(), images.shape[1:], "cpu")
         with torch.no_grad():
-            direct = [edm(y, torch.full((64,), s), noise).double().mean().item() for s in row["sigmas"]]
+            direct = [edm.loss.at(edm.denoiser, y, torch.full((64,), s), noise).double().mean().item() for s in row["sigmas"]]
         np.testing.assert_allclose(logged, direct, rtol=1e-6)
     assert row["val_loss"] == pytest.approx(np.mean(row["val_loss_by_sigma"]), rel=1e-12)
     assert row["gap"] == pytest.approx(row["val_loss"] - row["train_loss"], rel=1e-12)

@@ -10,7 +10,8 @@ import torch
 from conftest import COND
 from tools.config import build_network, load_config
 from tools.edm import Denoiser
-from tools.sampler import GuidedDenoiser, SeedNoise, one_hot, sample, seed_classes
+from tools.rng import SeedNoise
+from tools.sampler import GuidedDenoiser, one_hot, sample, seed_classes
 
 # --- the Gaussian toy ------------------------------------------------------------------------------------------
 

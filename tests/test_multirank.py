@@ -83,9 +83,15 @@ def test_two_ranks_train_what_one_rank_does_in_micro_batches(two_rank_run, one_r
     assert [r["augmented_fraction"] for r in two] == [r["augmented_fraction"] for r in one]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
     assert all(r["gns_b_simple"] > 0 for r in one)
+    # The measured norms agree to round-off (seen 5e-6): the global |G|^2 and a rank's (a micro-batch's) |g|^2 of 128
+    # images, E|g|^2 = |G|^2 + tr(Sigma) / 128. tr(Sigma) = 256 (|g|^2 - |G|^2) multiplies that round-off by ~230 (seen
+    # 1.2e-3); an image on another rank or in another micro-batch would move it by tens of percent.
     for a, b in zip(one, two):
-        for k in ("gns_b_simple", "gns_grad_sq", "gns_trace_sigma"):
-            assert b[k] == pytest.approx(a[k], rel=1e-3), (k, a, b)
+        assert b["gns_grad_sq"] == pytest.approx(a["gns_grad_sq"], rel=5e-5), (a, b)
+        small = [r["gns_grad_sq"] + r["gns_trace_sigma"] / 128 for r in (a, b)]
+        assert small[1] == pytest.approx(small[0], rel=5e-5), (a, b)
+        for k in ("gns_b_simple", "gns_trace_sigma"):
+            assert b[k] == pytest.approx(a[k], rel=1e-2), (k, a, b)
     evals = [(rows(run, "eval"), rows(run, "curve")) for run in (one_rank_run, two_rank_run)]
     assert [len(e) for pair in evals for e in pair] == [2, 2, 2, 2]
     for a, b in zip(evals[0][0], evals[1][0]):

@@ -184,17 +184,18 @@ def test_loss_finite_and_decreasing_on_digits(cfg):
     opt = torch.optim.Adam(edm.parameters(), lr={"C": 2e-3, "E": 1e-2, "G": 1e-2}[cfg], betas=(0.9, 0.99))
     g = torch.Generator().manual_seed(1)
     y = to_float(images[:128])
-    sigma, noise = edm.loss.sample_sigma(128, generator=g), torch.randn(y.shape, generator=g)
+    sigma, noise = edm.loss.sigma(torch.randn(128, generator=g)), torch.randn(y.shape, generator=g)
 
     def fixed_loss():  # same images, noise levels and noise before and after training
         with torch.no_grad():
-            return edm.eval()(y, sigma, noise).mean().item()
+            return edm.eval().loss.at(edm.denoiser, y, sigma, noise).mean().item()
 
     before = fixed_loss()
     for _ in range(15):
         idx = torch.randint(len(images), (64,), generator=g)
         batch = to_float(images[idx])
-        loss = edm.train()(batch, edm.loss.sample_sigma(64, generator=g), torch.randn(batch.shape, generator=g)).mean()
+        sigma_batch = edm.loss.sigma(torch.randn(64, generator=g))
+        loss = edm.train().loss.at(edm.denoiser, batch, sigma_batch, torch.randn(batch.shape, generator=g)).mean()
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
@@ -214,11 +215,17 @@ def test_network_dropout_independent_of_batch_split(cfg):
     g = torch.Generator().manual_seed(1)
     x, c, keys = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, generator=g), torch.randint(2 ** 31, (4,), generator=g)
     with torch.no_grad():
-        full = net(x, c, None, keys)
-        halves = torch.cat([net(x[:2], c[:2], None, keys[:2]), net(x[2:], c[2:], None, keys[2:])])
-        other = net(x, c, None, keys + 1)
+        full = net(x, c, dropout_keys=keys)
+        halves = torch.cat([net(x[:2], c[:2], dropout_keys=keys[:2]), net(x[2:], c[2:], dropout_keys=keys[2:])])
+        other = net(x, c, dropout_keys=keys + 1)
     # Equal up to float32 summation order (convolutions pick other kernels per batch size); a changed mask moves outputs by O(1).
     torch.testing.assert_close(halves, full, rtol=1e-4, atol=1e-4)
     assert (other - full).abs().max() > 100 * (halves - full).abs().max() + 1e-3  # the keys do set the masks
 
 
+@pytest.mark.parametrize("cfg", ["C", "E", "G"])
+def test_every_block_built_from_a_config_has_its_own_dropout_mask(cfg):
+    """tools.config.build_network numbers the dropout layers of any UNet: no two blocks share a mask."""
+    net = build_network(load_config(f"config/digits/{cfg}.yaml"))
+    salts = [m.dropout_salt for m in net.modules() if hasattr(m, "dropout_salt")]
+    assert len(salts) > 5 and sorted(salts) == list(range(len(salts)))

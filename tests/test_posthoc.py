@@ -11,9 +11,14 @@ from scipy.integrate import quad
 from conftest import flat, flip_byte, one_line_error, weights
 from tools.checkpoint import atomic_save, load
 from tools.cli import UserError
-from tools.posthoc import gamma_to_sigma_rel, list_snapshots, power_ema_beta, profile_inner, profile_rel_error, reconstruct, sigma_rel_to_gamma, solve_coefficients, write_reconstruction
+from tools.posthoc import list_snapshots, power_ema_beta, profile_inner, profile_rel_error, reconstruct, sigma_rel_to_gamma, solve_coefficients, write_reconstruction
 
 G05, G10 = sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)
+
+
+def gamma_to_sigma_rel(g):
+    """The relative std of the profile p(tau) = (g+1) tau^g on [0, 1]: sqrt((g + 1) / ((g + 2)^2 (g + 3)))."""
+    return ((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5
 
 
 def profile(tau, t, g):

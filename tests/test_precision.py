@@ -108,7 +108,7 @@ def test_grid_evaluation_and_probe_features_of_conditional_augmented_configs(pat
 
     picture = training_grid(net, cfg, DEVICE, num=20, examples=data.augmented_examples(8, epoch=1))
     rows = Evaluator(cfg, images, labels, 0, 1, DEVICE)(net, state.edm.loss, state.t_img, 1)
-    feats = extract_features(net, 0.5, images[:6], 0.06, ["dec.8x8_block1"], torch.arange(6), 4, precision=precision)
+    feats = extract_features(net, 0.5, images[:6], 0.06, ["dec.8x8_block1"], 0, 4, precision=precision)
     for h in handles:
         h.remove()
     assert set(seen) == {LOW[precision]}

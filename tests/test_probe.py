@@ -45,11 +45,11 @@ def test_probe_reads_a_conditional_run_without_its_labels(cond_run, tmp_path, ca
     images, labels = (x[:32] for x in load_dataset(cfg, "train"))
     pooled = []
     net.dec[PROBE_BLOCK.split(".")[1]].register_forward_hook(lambda m, i, o: pooled.append(o.mean(dim=(2, 3))))
-    x = to_float(images) + 0.06 * image_noise(range(32), images.shape[1:])  # the training split's seeds 0, 1, ...
+    x = to_float(images) + 0.06 * image_noise(0, range(32), images.shape[1:])  # the training split's stream
     one_hot = torch.nn.functional.one_hot(labels, cfg["network"]["label_dim"]).float()
     with torch.no_grad():
         for given in (torch.zeros_like(one_hot), one_hot):
-            Denoiser(net, cfg["diffusion"]["sigma_data"])(x, 0.06, given)
+            Denoiser(net, cfg["diffusion"]["sigma_data"])(x, 0.06, class_labels=given)
     dropped, labelled = pooled
     cached = cached_features(run, epoch=COND_EPOCHS)[:32]
     torch.testing.assert_close(cached, dropped, rtol=1e-5, atol=1e-6)

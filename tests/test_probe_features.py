@@ -77,8 +77,8 @@ def test_features_do_not_depend_on_ranks_or_batch(trained_digits_run, tmp_path):
     cfg = load_config(os.path.join(ROOT, DIGITS))
     net, _ = load_net(cfg, trained_digits_run, 4)
     images = load_dataset(cfg, "train")[0]
-    seeds = torch.arange(len(images)) + probe_features.SEED_STRIDE * probe_features.STREAMS["train", False]
-    expected = probe_features.extract_features(net, 0.5, images, 0.06, [PROBE_BLOCK], seeds, batch=512)[PROBE_BLOCK]
+    stream = probe_features.STREAMS["train", False]
+    expected = probe_features.extract_features(net, 0.5, images, 0.06, [PROBE_BLOCK], stream, batch=512)[PROBE_BLOCK]
     run = copy_run(trained_digits_run, tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "probe.py",
            "--config", DIGITS, "--outdir", run, "--batch", "7", "probe.C_grid=[1.0]"]

@@ -64,10 +64,10 @@ def test_sample_checks_the_inception_weights_load_before_sampling(tmp_path):
 
 def test_sampler_list_shows_every_sampler_with_order_and_evaluations(capsys):
     import sample
-    from tools.sampler import SAMPLER_INFO
+    from tools.sampler import SAMPLERS
     sample.main(["--sampler", "list"])
     lines = capsys.readouterr().out.splitlines()
-    for name, info in SAMPLER_INFO.items():
+    for name, info in SAMPLERS.items():
         (line,) = [line for line in lines if line.split()[0] == name]
         per_step = "adaptive" if info.nfe_per_step is None else str(info.nfe_per_step)
         assert line.split()[1:3] == [str(info.order), per_step], line

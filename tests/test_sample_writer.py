@@ -16,10 +16,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools import checkpoint
+from tools import checkpoint, sample_writer
 from tools.checkpoint import atomic_write
 from tools.cli import UserError
 from tools.sample_writer import LEGACY_RECORD, SampleWriter, _read_record, done_seeds, image_path, records_folder
+
+
+def fake_writes(monkeypatch, make):
+    """Files the writer opens for writing (PNGs, and records and rewrites through tools.checkpoint) come from
+    make(path, mode), or the real open() where it returns None."""
+    def fake_open(path, mode="r", *args, **kwargs):
+        fake = make(os.fspath(path), mode) if "w" in mode or "a" in mode else None
+        return open(path, mode, *args, **kwargs) if fake is None else fake
+    for module in (sample_writer, checkpoint):  # the modules' open(): the builtin elsewhere
+        monkeypatch.setattr(module, "open", fake_open, raising=False)
 
 
 def image(seed, shape=(8, 8, 3)):
@@ -120,8 +130,7 @@ def test_sigkill_at_random_moments_never_counts_a_broken_png(tmp_path):
         # Paced (500 images/s at most): the ~10-50 ms from the target to the kill cannot let a fast machine finish.
         pid = fork_writer(out, left, pace=0.002, record_every=10, record_seconds=0.01, sync=False)
         # Killed once its records pass a random point in the first quarter of what is left, after a random moment more:
-        # at any speed of the machine, the writer is busy when the kill comes (a kill after a fixed time found fast
-        # writers done).
+        # at any speed of the machine, the writer is busy when the kill comes (after a fixed time, a fast one is done).
         target = len(done) + rng.randint(1, len(left) // 4)
         try:
             wait_for(lambda: len(done_seeds(out, seeds)) >= target, seconds=60)
@@ -162,9 +171,7 @@ def test_kill_in_the_middle_of_a_png(tmp_path, monkeypatch):
         for s in range(4):
             w.write(s, image(s))
     os.remove(image_path(out, 2))
-    real_open = checkpoint._open_for_writing
-    monkeypatch.setattr(checkpoint, "_open_for_writing", lambda path, mode="wb": (
-        HangingFile(path, mode) if os.path.basename(path).startswith(("000002.png", "000005.png")) else real_open(path, mode)))
+    fake_writes(monkeypatch, lambda path, mode: HangingFile(path, mode) if os.path.basename(path).startswith(("000002.png", "000005.png")) else None)
     pid = fork_writer(out, [2, 5, 6, 7], threads=3, record_every=1, sync=False)  # 2 and 5 hang, 6 and 7 get recorded
     folder = os.path.dirname(image_path(out, 2))
     try:
@@ -199,10 +206,13 @@ def test_two_writers_keep_their_own_records(tmp_path):
 def test_queue_is_bounded(tmp_path, monkeypatch):
     """A caller faster than the pool blocks at max_pending images; the pool never holds more."""
     out, gate, seen = str(tmp_path / "samples"), threading.Event(), []
-    real_open = checkpoint._open_for_writing
     w = SampleWriter(out, threads=2, max_pending=3)
-    monkeypatch.setattr(checkpoint, "_open_for_writing", lambda path, mode="wb": (
-        seen.append(w.pending), gate.wait(10), real_open(path, mode))[2])
+
+    def wait_at_the_gate(path, mode):  # then the real open()
+        seen.append(w.pending)
+        gate.wait(10)
+
+    fake_writes(monkeypatch, wait_at_the_gate)
     accepted = []
     caller = threading.Thread(target=lambda: [accepted.append(w.write(s, image(s))) for s in range(12)])
     caller.start()
@@ -246,16 +256,14 @@ class FullDisk(io.FileIO):
 def test_pool_error_is_one_line_in_the_caller(tmp_path, monkeypatch, code, line):
     """Seed 2 fails: half written on a full disk (the part is removed), or refused (an unwritable folder)."""
     out = str(tmp_path / "samples")
-    real_open = checkpoint._open_for_writing
 
-    def failing_open(path, mode="wb"):
+    def failing_open(path, mode):
         if os.path.basename(path) == "000002.png" and code == errno.ENOSPC:
             return FullDisk(path, mode)
         if os.path.basename(path) == "000002.png":
             raise OSError(code, os.strerror(code), path)
-        return real_open(path, mode)
 
-    monkeypatch.setattr(checkpoint, "_open_for_writing", failing_open)
+    fake_writes(monkeypatch, failing_open)
     w = SampleWriter(out)
     for s in range(3):
         w.write(s, image(s))
@@ -277,14 +285,12 @@ def test_pool_error_is_one_line_in_the_caller(tmp_path, monkeypatch, code, line)
 def test_a_record_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     out = str(tmp_path / "samples")
     w = SampleWriter(out)
-    real_open = checkpoint._open_for_writing
 
-    def full_for_records(path, mode="wb"):
+    def full_for_records(path, mode):
         if path.startswith(records_folder(out) + os.sep):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_open(path, mode)
 
-    monkeypatch.setattr(checkpoint, "_open_for_writing", full_for_records)
+    fake_writes(monkeypatch, full_for_records)
     w.write(0, image(0))
     with pytest.raises(UserError) as e:
         w.close()
@@ -348,7 +354,7 @@ def test_each_record_lists_only_files_synced_before_it(tmp_path, monkeypatch):
                 super().close()
                 events.append(("closed", self.name, self.data))
 
-    monkeypatch.setattr(checkpoint, "_open_for_writing", lambda path, mode="wb": LoggedFile(path, mode))
+    fake_writes(monkeypatch, LoggedFile)
     monkeypatch.setattr(os, "sync", lambda: events.append(("sync",)))
     with SampleWriter(out, record_every=1) as w:
         for s in range(40):

@@ -2,19 +2,18 @@
 order to the exact probability-flow solution or the exact output distribution of Gaussian data; image k depends on
 seed k alone; the reported evaluation counts are the calls made."""
 
-import hashlib
-import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from tools.sampler import (SAMPLER_INFO, SAMPLER_KEYS, SAMPLERS, SeedNoise, _cos_sin, _neg_log, edm_sigmas, sample,
-                           sampler_kwargs, sampler_nfe)
+from tools.config import DEFAULTS
+from tools.rng import SeedNoise
+from tools.sampler import PARAMS, SAMPLERS, SCHEDULE, edm_sigmas, folder_tag, sample, sampler_kwargs, sampler_nfe
 
 MU, S, SIGMA_MAX, SIGMA_MIN = 0.3, 0.5, 80.0, 0.002
-STOCHASTIC = [name for name, info in SAMPLER_INFO.items() if info.stochastic]
+STOCHASTIC = [name for name, info in SAMPLERS.items() if info.stochastic]
 
 
 def gaussian_denoiser(x, sigma, class_labels=None):
@@ -57,91 +56,6 @@ class BasisNoise:
 
 
 # ----------------------------------------------------------------------------------------------------
-# SeedNoise.
-
-def test_noise_is_standard_normal_and_uncorrelated():
-    """393,216 values (256 seeds, two draws of 3x16x16), standard errors 1/sqrt(N) = 0.0016: mean, variance, third and
-    fourth moments within 4 standard errors of N(0, 1)'s, the Kolmogorov-Smirnov statistic sqrt(N) D below 1.95
-    (p = 0.001; seen 0.6-1.0 on other seed blocks), the count beyond 4 sigma within 4 binomial standard errors and
-    the largest below 6 (P = 8e-4), and the largest z_j^2 + z_k^2 of Box-Muller partners (chi-square, 2 degrees of
-    freedom) below 2 ln(pairs / 1e-3) (P = 1e-3); correlations, also of the squares, between neighbouring elements, Box-Muller
-    partners, consecutive draws and neighbouring seeds within 4 / sqrt(pairs)."""
-    noise = SeedNoise(range(256), "cpu")
-    a, b = noise.randn((3, 16, 16)).to(torch.float64), noise.randn((3, 16, 16)).to(torch.float64)
-    x = torch.cat([a.flatten(), b.flatten()])
-    n = len(x)
-    for k, (moment, se) in enumerate([(0, 1), (1, 2 ** 0.5), (0, 15 ** 0.5), (3, 96 ** 0.5)], start=1):
-        assert abs((x ** k).mean().item() - moment) < 4 * se / n ** 0.5, k
-    ordered = x.sort().values
-    cdf = 0.5 * (1 + torch.erf(ordered / 2 ** 0.5))
-    ks = torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max().item()
-    assert ks * n ** 0.5 < 1.95
-    tail = math.erfc(4 / 2 ** 0.5)
-    assert abs((x.abs() > 4).sum().item() - n * tail) < 4 * (n * tail) ** 0.5
-    assert x.abs().max().item() < 6
-    flat = a.flatten(1)
-    half = flat.shape[1] // 2
-    r2 = flat[:, :half] ** 2 + flat[:, half:] ** 2
-    assert r2.max().item() < 2 * math.log(r2.numel() / 1e-3)
-    for u, v in [(flat[:, 1:], flat[:, :-1]), (flat[:, :half], flat[:, half:]), (a, b), (a[1:], a[:-1])]:
-        for f in (lambda t: t, lambda t: t ** 2 - 1):
-            r = (f(u) * f(v)).mean().item() / (f(u).square().mean() * f(v).square().mean()).sqrt().item()
-            assert abs(r) < 4 / u.numel() ** 0.5
-
-
-def test_noise_of_a_seed_ignores_the_batch():
-    """Bit for bit: a seed's draws are the same alone, in a batch of 40 (where the CPU works in blocks of 1638
-    columns, so 3x40x40 spans two) in any order and beside copies of itself."""
-    seeds = list(range(1000, 1040))
-    together = SeedNoise(seeds, "cpu")
-    draws = [together.randn((3, 40, 40)), together.randn((5,))]
-    for k in (0, 17, 39):
-        alone = SeedNoise([seeds[k]] * 2, "cpu")
-        for shape, batch in zip([(3, 40, 40), (5,)], draws):
-            x = alone.randn(shape)
-            assert torch.equal(x[0], batch[k]) and torch.equal(x[1], batch[k])
-    shuffled = SeedNoise(seeds[::-1], "cpu").randn((3, 40, 40))
-    assert torch.equal(shuffled.flip(0), draws[0])
-
-
-def test_seeds_give_distinct_streams():
-    """Seeds 0..1023: no two images, nor two draws of one image, are the same; a seed outside [0, 2^32) is refused."""
-    noise = SeedNoise(range(1024), "cpu")
-    first, second = noise.randn((16,)), noise.randn((16,))
-    assert len(torch.unique(torch.cat([first, second]), dim=0)) == 2048
-    for bad in ([-1], [2 ** 32]):
-        with pytest.raises(ValueError):
-            SeedNoise(bad, "cpu")
-
-
-def test_noise_of_each_seed_is_pinned():
-    """The values themselves: seed k's noise is what it was when sample folders were written. Changing this digest
-    changes every sample folder's images, and resuming into an existing folder would mix the two generators."""
-    noise = SeedNoise([0, 1, 7, 12345, 2 ** 32 - 1], "cpu")
-    draws = [noise.randn((3, 4, 4)), noise.randn((5,))]
-    digest = hashlib.sha256(b"".join(x.numpy().astype("<f4").tobytes() for x in draws)).hexdigest()
-    assert digest == "2a9700337ccb6febb254cadb28d68b0a44c21387e73de06217244af42020a0b0"
-
-
-def test_box_muller_series_match_the_library_functions():
-    """The series for ln and for (cos, sin), built from exactly rounded operations, agree with torch.log / cos / sin
-    to 1e-12 over the whole range they are used on (seen: 4.5e-13 and 1.1e-12)."""
-    u = torch.cat([torch.logspace(-16, 0, 20001, dtype=torch.float64), torch.rand(20000, dtype=torch.float64)])
-    assert (_neg_log(u) + torch.log(u)).abs().max().item() < 1e-12
-    w = torch.cat([torch.arange(0, 2 ** 32, 2 ** 16 + 1), torch.tensor([0, 2 ** 32 - 1])])
-    phi = (w.to(torch.float64) + 0.5) * (2 * math.pi / 2 ** 32) - math.pi
-    cos, sin = _cos_sin(w)
-    assert (cos - phi.cos()).abs().max().item() < 2e-12 and (sin - phi.sin()).abs().max().item() < 2e-12
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_noise_is_the_same_on_cuda():
-    noise_cpu, noise_gpu = SeedNoise(range(300), "cpu"), SeedNoise(range(300), "cuda")
-    for shape in [(3, 32, 32), (7,)]:
-        assert torch.equal(noise_cpu.randn(shape), noise_gpu.randn(shape).cpu())
-
-
-# ----------------------------------------------------------------------------------------------------
 # Deterministic samplers: the ODE solution.
 
 def ode_errors(sampler, steps, **kwargs):
@@ -155,7 +69,7 @@ def ode_errors(sampler, steps, **kwargs):
             for n in steps]
 
 
-@pytest.mark.parametrize("sampler,kwargs,steps", [
+ORDER_CASES = [  # every fixed-step sampler, with the step counts where its error ratio settles
     ("heun", {}, (32, 64, 128)),                       # 4.28, 4.13
     ("euler", {}, (32, 64, 128)),                      # 1.99, 1.99
     ("dpmpp2m", {}, (32, 64, 128)),                    # 4.46, 4.22
@@ -166,12 +80,19 @@ def ode_errors(sampler, steps, **kwargs):
     ("dpmpp2s_ancestral", dict(eta=0), (32, 64, 128)),  # 3.98, 4.00
     ("dpmpp2m_sde", dict(eta=0), (32, 64, 128)),       # 4.67, 4.28
     ("dpmpp3m_sde", dict(eta=0), (64, 128, 256)),      # 8.54, 8.23
-])
+]
+
+
+def test_every_registered_sampler_has_its_order_measured():
+    assert [c[0] for c in ORDER_CASES] == [n for n, s in SAMPLERS.items() if s.nfe_per_step is not None]
+
+
+@pytest.mark.parametrize("sampler,kwargs,steps", ORDER_CASES)
 def test_ode_error_falls_at_the_samplers_order(sampler, kwargs, steps):
     """Doubling the steps divides the error by 2^order within [0.75, 1.5] x (measured ratios beside each case)."""
     errors = ode_errors(sampler, steps, **kwargs)
     ratios = [a / b for a, b in zip(errors, errors[1:])]
-    order = SAMPLER_INFO[sampler].order
+    order = SAMPLERS[sampler].order
     assert all(0.75 * 2 ** order < r < 1.5 * 2 ** order for r in ratios), (errors, ratios)
 
 
@@ -232,7 +153,7 @@ def test_output_distribution_converges_at_the_weak_order(sampler, eta, sde_eta, 
     mean_errors = [abs(m - target_mean) for m, _ in moments]
     var_errors = [abs(v - target_var) for _, v in moments]
     ratios = [a / b for a, b in zip(var_errors, var_errors[1:])]
-    order = SAMPLER_INFO[sampler].weak_order
+    order = SAMPLERS[sampler].weak_order
     assert all(0.75 * 2 ** order < r < 1.5 * 2 ** order for r in ratios), (var_errors, ratios)
     assert all(b < a / 1.5 + 1e-7 for a, b in zip(mean_errors, mean_errors[1:])) and mean_errors[-1] < 2e-5, mean_errors
 
@@ -265,21 +186,24 @@ def test_reported_evaluations_are_the_calls_made(sampler):
     stats = {}
     sample(counting, SeedNoise(range(5), "cpu"), (1, 2, 2), sampler=sampler, steps=7, stats=stats)
     assert stats["nfe"] == len(calls) and stats["image_nfe"].sum().item() == sum(calls)
-    if SAMPLER_INFO[sampler].nfe_per_step is not None:
+    if SAMPLERS[sampler].nfe_per_step is not None:
         assert stats["nfe"] == sampler_nfe(sampler, 7) and torch.equal(stats["image_nfe"], torch.full_like(rows, len(calls)))
 
 
 def test_sampler_interface():
-    """An unknown sampler is a ValueError; SAMPLER_KEYS are exactly sample()'s sampler keywords; sampler_kwargs takes
-    them from a config section (leaving other keys, and defaulting a key an older config lacks)."""
+    """An unknown sampler is a ValueError; the registry feeds the config (its parameters are sample.* keys with the
+    same defaults) and the sample folders' names (the parameters a sampler declares, where not at their default)."""
     with pytest.raises(ValueError):
         sample(gaussian_denoiser, SeedNoise([0], "cpu"), (1, 1, 1), sampler="ddim")
-    params = list(inspect.signature(sample).parameters)
-    assert set(SAMPLER_KEYS) == set(params) - {"denoiser", "noise", "shape", "class_labels", "stats"}
-    section = {k: inspect.signature(sample).parameters[k].default for k in SAMPLER_KEYS if k != "eta"}
-    assert sampler_kwargs({**section, "batch": 64}) == section
-    assert SAMPLERS[:3] == ("heun", "euler", "dpmpp2m") and set(SAMPLER_INFO) == set(SAMPLERS)
+    section = dict(DEFAULTS["sample"])
+    assert set(sampler_kwargs(section)) == {"sampler", *SCHEDULE, *PARAMS} and set(PARAMS) <= set(section)
+    assert all(section[k] == default for k, (default, *_) in PARAMS.items())
+    assert list(SAMPLERS)[:3] == ["heun", "euler", "dpmpp2m"]
     assert [sampler_nfe(s, 18) for s in ("heun", "euler", "dpm2", "lms")] == [35, 18, 35, 18]
+    tags = {folder_tag(dict(section, **keys)) for keys in ({}, {"S_churn": 40}, {"sampler": "dpm_adaptive"}, {"sampler": "dpm_adaptive",
+            "rtol": 0.2}, {"sampler": "euler_ancestral"}, {"sampler": "euler_ancestral", "eta": 0.5}, {"S_noise": 1.007})}
+    assert tags == {"heun18", "heun18-S_churn40", "dpm_adaptive", "dpm_adaptive-rtol0.2", "euler_ancestral18",
+                    "euler_ancestral18-eta0.5"}  # S_noise does not change heun's path without churn
 
 
 def gaussian_of(mu, s):

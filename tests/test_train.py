@@ -10,7 +10,8 @@ from conftest import DIGITS, ROOT, run_script
 @pytest.mark.parametrize("args,needle", [
     (["train.epohcs=2"], "unknown key train.epohcs"),
     (["train.epochs=two"], "train.epochs must be an integer"),
-    (["unet=unetX.py"], "must look like section.key=value"),
+    (["unet=unetX.py"], "unet: 'unetX.py' is not a network file"),
+    (["epochs=2"], "must look like section.key=value"),
     (["data.dataset=cifar10", "data.root=/nonexistent", "network.img_resolution=32", "network.img_channels=3"], "cifar10 not found"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):

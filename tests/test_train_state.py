@@ -31,10 +31,10 @@ def run_steps(tmp_path, bad_steps, steps, limit=3):
     device = torch.device("cpu")
     data, state = Batches(cfg, 0, 1, device), TrainState(cfg, device)
     for step in range(1, steps + 1):
-        y, *rest = data.batch(step - 1)
+        batch = data.batch(step - 1)
         if step in bad_steps:
-            y = torch.full_like(y, float("nan"))
-        state.step(state.edm, (y, *rest), data.micro, 1e-3, NoLog())
+            batch = batch._replace(images=torch.full_like(batch.images, float("nan")))
+        state.step(state.edm, batch, data.micro, 1e-3, NoLog())
         if step % LOG_STEPS == 0:
             try:
                 state.check_gradients(str(tmp_path))
@@ -64,8 +64,8 @@ def test_a_nonfinite_step_changes_neither_weights_nor_optimizer(precision):
     weights = [p.detach().clone() for p in state.params]
     moments = {k: v.clone() for k, v in state.opt.state[state.params[0]].items()}
     good = state.nonfinite_steps
-    y, *rest = data.batch(1)
-    state.step(state.edm, (torch.full_like(y, float("nan")), *rest), data.micro, 1e-3, NoLog())
+    batch = data.batch(1)
+    state.step(state.edm, batch._replace(images=torch.full_like(batch.images, float("nan"))), data.micro, 1e-3, NoLog())
     assert state.nonfinite_steps == good + 1
     assert all(torch.equal(a, b) for a, b in zip(weights, state.params))
     assert all(torch.equal(v, state.opt.state[state.params[0]][k]) for k, v in moments.items())

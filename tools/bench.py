@@ -1,22 +1,6 @@
-"""Speed of a config on this machine, one JSON line: training, sampling and the sample writer, on random data.
+"""Speed of a config on this machine as one JSON line: training, sampling and the sample writer (docs/PERFORMANCE.md).
 
-    python -m tools.bench --config config/cifar10/E.yaml [--batch 512] [--compile] [--device cuda]
-
-No dataset is read: the training images are random pixels of the config's shape (the speed of a step does not
-depend on what the pixels show), and the network is the config's, freshly initialised. Reported:
-- train_img_per_s: the median over `--windows` timed windows of `--steps` optimizer steps each (the real step of
-  tools/train_state.py: precision, micro-batches, augmentation and labels as configured), after `--warmup` steps;
-  train_peak_mem_gib: CUDA's peak allocated memory over the timed windows, or on a CPU the process's peak RSS.
-- share_train_img_per_s (and its windows and peak memory): the same for one GPU's share of an 8-GPU run (`--gpus`):
-  batch / 8 images per step in two micro-batches, the gradient noise scale's hooks on, as such a run's steps are.
-- train_tflops and, on a GPU, train_matmul_fraction: the step's floating-point operations (counted once by
-  torch.utils.flop_counter) per second, and that as a fraction of a large bf16 matmul's rate measured here
-  (on a CPU the reference matmul is float32, the precision a CPU trains in).
-- sample_img_per_s_network: sampling alone (the sample section's sampler and steps, one batch after a warm-up
-  batch, no files); sample_img_per_s_end_to_end: tools.generate.generate from loading a checkpoint to the last
-  PNG on disk, `--sample-images` images into a temporary folder.
-- writer_img_per_s: the sample writer alone on `--writer-images` random images of the config's shape, and
-  atomic_writer_img_per_s, one atomic file (temp file, fsync, rename) at a time, for comparison.
+    python -m tools.bench --config config/cifar10/E.yaml [--batch 512] [--compile]
 """
 
 if __name__ == "__main__" and not __package__:
@@ -34,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 from tools import dist
 from tools.batches import Batches
@@ -49,188 +34,134 @@ from tools.train_state import TrainState
 
 
 class NoLog:
-    """The training log's interface, recording nothing: the benchmark times the step, not the bookkeeping."""
+    """The training log's interface, recording nothing: the benchmark times the step."""
 
-    def add_losses(self, loss, sigma):
-        pass
-
-    def add_augmented(self, augment_labels):
-        pass
-
-    def add_step(self, grad_norm, finite, *rest):
-        pass
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_gib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+    def __getattr__(self, name):
+        return lambda *args: None
 
 
 def random_images(cfg, count, seed=0):
-    """uint8 [count, C, H, W] random pixels of the config's shape, and random labels: data of the right shape."""
+    """uint8 [count, C, H, W] random pixels of the config's shape, and random labels."""
     g = torch.Generator().manual_seed(seed)
-    C, H, W = image_shape(cfg)
-    images = torch.randint(0, 256, (count, C, H, W), generator=g, dtype=torch.uint8)
-    labels = torch.randint(0, max(cfg["network"]["label_dim"], 1), (count,), generator=g)
-    return images, labels
+    images = torch.randint(0, 256, (count, *image_shape(cfg)), generator=g, dtype=torch.uint8)
+    return images, torch.randint(0, max(cfg["network"]["label_dim"], 1), (count,), generator=g)
 
 
-def matmul_tflops(device, dtype, n=None, repeats=10):
-    """The rate of a large square matmul in `dtype` on `device`, in TFLOP/s: the device's practical peak."""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    synchronize(device)
+def timed(device, fn):
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
     started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - started) / 1e12
+    fn()
+    sync()
+    return time.perf_counter() - started
 
 
-def step_flops(state, model, batch, micro):
-    """Floating-point operations of one training step's forward and backward passes (FlopCounterMode counts
-    matmuls and convolutions, which are nearly all of them)."""
-    from torch.utils.flop_counter import FlopCounterMode  # lazy: only the benchmark counts operations
-    with FlopCounterMode(display=False) as counter:
-        state.step(model, batch, micro, 0.0, NoLog())
-    return counter.get_total_flops()
+def matmul_tflops(device, dtype, repeats=10):
+    """The rate of a large square matmul in `dtype`, in TFLOP/s: the device's practical peak."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    timed(device, lambda: [a @ b for _ in range(3)])  # warm-up
+    return 2 * n ** 3 * repeats / timed(device, lambda: [a @ b for _ in range(repeats)]) / 1e12
 
 
 def bench_training(cfg, device, steps, windows, warmup):
-    T = cfg["train"]
-    data = Batches(cfg, 0, 1, device, data=random_images(cfg, T["batch_size"] * 2))
+    train = cfg["train"]
+    data = Batches(cfg, 0, 1, device, data=random_images(cfg, train["batch_size"] * 2))
     state = TrainState(cfg, device)
-    state.track_noise_scale(data.micro, data.per_rank)  # the gradient noise scale's hooks, as training installs them
-    model, log, step = state.edm, NoLog(), 0
-    if T["compile"]:
-        model.compile()  # as the training loop does
+    state.track_noise_scale(data.micro, data.per_rank)  # as training does
+    model, step = state.edm, 0
+    if train["compile"]:
+        model.compile()
 
     def run(n):
         nonlocal step
         for _ in range(n):
-            lr = learning_rate(state.t_img, T["lr"], T["lr_rampup_epochs"] * data.epoch_img, T["lr_ref_epochs"] * data.epoch_img)
-            state.step(model, data.batch(step), data.micro, lr, log)
+            lr = learning_rate(state.t_img, train["lr"], train["lr_rampup_epochs"] * data.epoch_img, train["lr_ref_epochs"] * data.epoch_img)
+            state.step(model, data.batch(step), data.micro, lr, NoLog())
             step += 1
-        synchronize(device)
 
-    started = time.perf_counter()
-    run(warmup)
-    warmup_s = time.perf_counter() - started
+    warmup_s = timed(device, lambda: run(warmup))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rates = []
-    for _ in range(windows):
-        started = time.perf_counter()
-        run(steps)
-        rates.append(steps * data.batch_size / (time.perf_counter() - started))
-    peak = peak_memory_gib(device)
-    flops = None if T["compile"] else step_flops(state, model, data.batch(step), data.micro)  # counted eagerly
-    return state, dict(train_img_per_s=statistics.median(rates), train_windows_img_per_s=rates, train_warmup_s=warmup_s,
-                       train_peak_mem_gib=peak, train_step_flops=flops,
-                       train_tflops=None if flops is None else flops * statistics.median(rates) / data.batch_size / 1e12)
+    rates = [steps * data.batch_size / timed(device, lambda: run(steps)) for _ in range(windows)]
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    flops = None
+    if not train["compile"]:  # counted eagerly: matmuls and convolutions
+        from torch.utils.flop_counter import FlopCounterMode  # lazy: only the benchmark counts operations
+        with FlopCounterMode(display=False) as counter:
+            state.step(model, data.batch(step), data.micro, 0.0, NoLog())
+        flops = counter.get_total_flops()
+    rate = statistics.median(rates)
+    return state, dict(train_img_per_s=rate, train_windows_img_per_s=rates, train_warmup_s=warmup_s, train_peak_mem_gib=peak,
+                       train_step_flops=flops, train_tflops=None if flops is None else flops * rate / data.batch_size / 1e12)
 
 
 def bench_sampling(cfg, device, state, sample_images, compile):
-    """Network-only and end-to-end sampling rates with the freshly initialised classic-EMA weights."""
-    S, K = cfg["sample"], cfg["network"]["label_dim"]
+    """Network-only (a batch after a warm-up batch) and end-to-end sampling rates, classic-EMA weights."""
+    sample, K = cfg["sample"], cfg["network"]["label_dim"]
     net = state.emas.classic.ema_model
     if compile:
         net.compile()
-    denoiser = Denoiser(net, cfg["diffusion"]["sigma_data"])
-    classes = (lambda seeds: [s % K for s in seeds]) if K else (lambda seeds: None)
-    batch = list(range(S["batch"]))
-    with autocast(device, S["precision"]):
-        sample_seeds(denoiser, cfg, batch, device, classes(batch))  # warm-up (and compilation)
-        synchronize(device)
-        started = time.perf_counter()
-        sample_seeds(denoiser, cfg, batch, device, classes(batch))
-        synchronize(device)
-    network = len(batch) / (time.perf_counter() - started)
-
+    denoiser, batch = Denoiser(net, cfg["diffusion"]["sigma_data"]), list(range(sample["batch"]))
+    classes = [s % K for s in batch] if K else None
+    with autocast(device, sample["precision"]):
+        sample_seeds(denoiser, cfg, batch, device, classes)  # warm-up (and compilation)
+        network = len(batch) / timed(device, lambda: sample_seeds(denoiser, cfg, batch, device, classes))
     with tempfile.TemporaryDirectory(prefix="bench-") as run:
         state.save(run, 0)
-        seeds = list(range(sample_images))
-        started = time.perf_counter()
-        generate(cfg, run, seeds, device, epoch=0, out=os.path.join(run, "samples"), compile=compile)
-        end_to_end = sample_images / (time.perf_counter() - started)
-    return dict(sample_img_per_s_network=network, sample_img_per_s_end_to_end=end_to_end, sample_images=sample_images,
-                sample_batch=S["batch"], sampler=S["sampler"], sample_steps=S["steps"])
+        seconds = timed(device, lambda: generate(cfg, run, list(range(sample_images)), device, epoch=0,
+                                                 out=os.path.join(run, "samples"), compile=compile))
+    return dict(sample_img_per_s_network=network, sample_img_per_s_end_to_end=sample_images / seconds, sample_images=sample_images,
+                sample_batch=sample["batch"], sampler=sample["sampler"], sample_steps=sample["steps"])
 
 
 def bench_writers(cfg, count):
-    """The sample writer's rate, and one atomic file at a time's, on random images of the config's shape."""
+    """The rates of the sample writer and of one atomic file at a time, on random images of the config's shape."""
     C, H, W = image_shape(cfg)
     images = np.random.default_rng(0).integers(0, 256, (count, H, W, C), dtype=np.uint8)
-    from PIL import Image  # lazy: only the writer benchmark encodes here
+    cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="bench-writer-") as folder:
-        started = time.perf_counter()
-        with SampleWriter(os.path.join(folder, "pool")) as writer:
+        def pool():
+            with SampleWriter(os.path.join(folder, "pool")) as writer:
+                for seed, image in enumerate(images):
+                    writer.write(seed, image)
+
+        def atomic():
             for seed, image in enumerate(images):
-                writer.write(seed, image)
-        pool = count / (time.perf_counter() - started)
-        os.makedirs(os.path.join(folder, "atomic"))
-        started = time.perf_counter()
-        for seed, image in enumerate(images):
-            picture = Image.fromarray(image[:, :, 0] if C == 1 else image)
-            atomic_write(os.path.join(folder, "atomic", f"{seed:06d}.png"), lambda f: picture.save(f, format="PNG"))
-        atomic = count / (time.perf_counter() - started)
-    return dict(writer_img_per_s=pool, atomic_writer_img_per_s=atomic, writer_images=count)
-
-
-def share_config(cfg, gpus):
-    """The config as one GPU of `gpus` trains it: its share of the global batch, in two micro-batches, so that the
-    gradient noise scale's hooks run as they do on several GPUs."""
-    share = copy.deepcopy(cfg)
-    T = share["train"]
-    T["batch_size"] = max(T["batch_size"] // gpus, 2)
-    T["batch_gpu"] = T["batch_size"] // 2
-    return share
+                picture = Image.fromarray(image[:, :, 0] if C == 1 else image)
+                atomic_write(os.path.join(folder, "atomic", f"{seed:06d}.png"), lambda f: picture.save(f, format="PNG"))
+        return dict(writer_img_per_s=count / timed(cpu, pool), atomic_writer_img_per_s=count / timed(cpu, atomic), writer_images=count)
 
 
 def bench(cfg, device, steps=10, windows=5, warmup=3, sample_images=None, writer_images=2000, sampling=True, gpus=8):
-    """The benchmark's row (see the module's docstring)."""
-    T = cfg["train"]
-    row = dict(unet=cfg["unet"], device=device_name(device), torch=torch.__version__,
-               batch=T["batch_size"], batch_gpu=T["batch_gpu"] or T["batch_size"], precision=T["precision"],
-               compile=T["compile"], gns=T["gns"], data="random pixels of the config's shape (no dataset read)")
-    state, train = bench_training(cfg, device, steps, windows, warmup)
+    train = cfg["train"]
+    row = dict(unet=cfg["unet"], device=torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)", torch=torch.__version__,
+               batch=train["batch_size"], batch_gpu=train["batch_gpu"] or train["batch_size"], precision=train["precision"],
+               compile=train["compile"], gns=train["gns"], data="random pixels of the config's shape (no dataset read)")
+    state, timing = bench_training(cfg, device, steps, windows, warmup)
     row["params_m"] = sum(p.numel() for p in state.edm.net.parameters()) / 1e6
-    row.update(train)
-    if gpus > 1:
-        share = share_config(cfg, gpus)["train"]
-        _, train = bench_training(share_config(cfg, gpus), device, steps, windows, warmup)
-        row.update(share_gpus=gpus, share_batch=share["batch_size"], share_batch_gpu=share["batch_gpu"],
-                   **{f"share_{k}": v for k, v in train.items() if k in ("train_img_per_s", "train_windows_img_per_s",
-                                                                        "train_peak_mem_gib")})
-    reference = matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    row["matmul_tflops"] = reference
-    row["matmul_dtype"] = "bfloat16" if device.type == "cuda" else "float32"
+    row.update(timing)
+    if gpus > 1:  # the config as one GPU of `gpus` trains it: its share of the global batch in two micro-batches
+        share = copy.deepcopy(cfg)
+        share["train"]["batch_size"] = max(train["batch_size"] // gpus, 2)
+        share["train"]["batch_gpu"] = share["train"]["batch_size"] // 2
+        _, timing = bench_training(share, device, steps, windows, warmup)
+        row.update(share_gpus=gpus, share_batch=share["train"]["batch_size"], share_batch_gpu=share["train"]["batch_gpu"],
+                   **{f"share_{k}": timing[k] for k in ("train_img_per_s", "train_windows_img_per_s", "train_peak_mem_gib")})
+    row["matmul_dtype"] = "bfloat16" if device.type == "cuda" else "float32"  # the precision a CPU trains in
+    row["matmul_tflops"] = matmul_tflops(device, getattr(torch, row["matmul_dtype"]))
     if row["train_tflops"] is not None:
-        row["train_matmul_fraction"] = row["train_tflops"] / reference
+        row["train_matmul_fraction"] = row["train_tflops"] / row["matmul_tflops"]
     if sampling:
-        row.update(bench_sampling(cfg, device, state, sample_images or 2 * cfg["sample"]["batch"], T["compile"]))
+        row.update(bench_sampling(cfg, device, state, sample_images or 2 * cfg["sample"]["batch"], train["compile"]))
     row.update(bench_writers(cfg, writer_images))
     return row
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def main(argv=None):
-    """Parse the flags and print the benchmark's JSON line."""
-    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 1)[1])
+    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a YAML config (its network, training and sample sections are benchmarked)")
     ap.add_argument("--batch", type=int, help="train.batch_size (default: the config's)")
     ap.add_argument("--sample-batch", type=int, help="sample.batch (default: the config's)")
@@ -245,19 +176,12 @@ def main(argv=None):
                     "batch / GPUS in two micro-batches, noise-scale hooks on); 1 = not")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. sample.steps=32")
     args = ap.parse_args(argv)
-    for flag in ("batch", "sample_batch", "steps", "windows", "writer_images", "gpus"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
-    overrides = list(args.overrides)
-    if args.batch is not None:
-        overrides += [f"train.batch_size={args.batch}"]
-    if args.sample_batch is not None:
-        overrides += [f"sample.batch={args.sample_batch}"]
-    if args.compile:
-        overrides += ["train.compile=true"]
+    for flag in ("batch", "sample_batch", "steps", "windows", "writer_images", "gpus", "warmup"):
+        value, least = getattr(args, flag), 0 if flag == "warmup" else 1
+        if value is not None and value < least:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
+    overrides = list(args.overrides) + [f"{key}={value}" for key, value in (("train.batch_size", args.batch), ("sample.batch", args.sample_batch),
+                                                                            ("train.compile", "true" if args.compile else None)) if value is not None]
     cfg = load_config(args.config, overrides)
     with dist.session() as (rank, world, device):
         if world > 1:

@@ -1,13 +1,6 @@
-"""Checkpoints and every other file a run writes: written atomically, torch files with a checksum manifest,
-loaded with weights_only=True, corrupt files skipped with a warning.
+"""Every file a run writes, atomically; torch files with a sha256 manifest checked on load (docs/DESIGN.md)."""
 
-A file written by atomic_save gets a manifest beside it, <file>.sha256 (sha256sum's format, so
-`sha256sum -c epoch_10.pt.sha256` checks it by hand), holding the digest of the bytes as they were
-written. load() and verify() compare the file with it: torch.load does not check the zip's CRCs, so
-without this one flipped byte on disk loads and trains on. Files without a manifest (older runs) load
-unverified.
-"""
-
+import contextlib
 import errno
 import hashlib
 import json
@@ -21,39 +14,25 @@ import torch
 
 from tools.cli import UserError
 
-MANIFEST_SUFFIX = ".sha256"
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-DISK_FULL_FREE_BYTES = 1 << 20  # a torch write error with less than this free counts as a full disk
-HASH_CHUNK_BYTES = 1 << 20
+DISK_FULL_FREE_BYTES = 1 << 20  # torch failing with less free: a full disk
+TEMP_NAME = re.compile(r".+\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)")  # what temp_path makes
 
 
 def manifest_path(path):
-    return os.fspath(path) + MANIFEST_SUFFIX
+    return os.fspath(path) + ".sha256"
 
 
-def _host():
-    """This machine's name as it appears in temp file names (no path separators, no odd characters)."""
+def host_name():
     return re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "unknown"
 
 
 def temp_path(path):
-    """<path>.tmp-<host>-<pid>: remove_stale_temp can tell whether its writer is still alive."""
-    return f"{os.fspath(path)}.tmp-{_host()}-{os.getpid()}"
-
-
-TEMP_NAME = re.compile(r".+\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)")  # what temp_path makes
-
-
-def _open_for_writing(path, mode="wb"):
-    """The one place files are opened for writing, so that tests can put a full disk here."""
-    return open(path, mode)
+    """<path>.tmp-<host>-<pid>: remove_stale_temp can tell whether its writer lives."""
+    return f"{os.fspath(path)}.tmp-{host_name()}-{os.getpid()}"
 
 
 class _HashingWriter:
-    """A write-only stream that passes bytes on to `file` and hashes exactly the bytes written.
-
-    It has no seek, tell or fileno, so writers (torch.save, PIL) stream through write() and
-    never write behind its back or rewrite earlier bytes."""
+    """Writes to `file` and hashes; no seek, tell or fileno, so torch.save and PIL stream through it."""
 
     def __init__(self, file):
         self.file, self.sha256 = file, hashlib.sha256()
@@ -69,192 +48,126 @@ class _HashingWriter:
 
 
 def _remove_quietly(path):
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
-def _disk_full(error, folder):
-    """True when `error` comes from a full disk: an OSError ENOSPC/EDQUOT anywhere in its chain (torch's
-    zip writer turns the OSError of a failed write into a RuntimeError 'unexpected pos', with the OSError
-    as its context), or torch's writer failing while the file system has (next to) no space left."""
-    e, seen = error, set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    if isinstance(error, RuntimeError) and "inline_container" in str(error):
-        try:
-            return shutil.disk_usage(folder).free < DISK_FULL_FREE_BYTES
-        except OSError:
-            return False
-    return False
-
-
-def _os_error(error):
-    """The OSError in `error`'s chain, if any (torch wraps it into a RuntimeError)."""
-    e, seen = error, set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _write_error(path, error):
-    """A UserError for a write of `path` that failed with `error`, or None if it is not the user's to fix."""
+def write_error(path, error):
+    """A one-line UserError for a failed write of `path`; None if `error` is not the user's to fix."""
     if isinstance(error, UserError):
         return None
-    if _disk_full(error, os.path.dirname(path) or "."):
+    os_errors, seen, e = [], set(), error
+    while e is not None and id(e) not in seen:  # the cause chain
+        seen.add(id(e))
+        os_errors += [e] if isinstance(e, OSError) else []
+        e = e.__cause__ or e.__context__
+    full = any(e.errno in (errno.ENOSPC, errno.EDQUOT) for e in os_errors)
+    if not full and isinstance(error, RuntimeError) and "inline_container" in str(error):
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(os.path.dirname(path) or ".").free < DISK_FULL_FREE_BYTES
+    if full:
         return UserError(f"disk full while writing {path}; earlier files are intact, free space and run again")
-    os_error = _os_error(error)
-    if os_error is not None:
-        return UserError(f"could not write {path}: {os_error.strerror or os_error}")
+    if os_errors:
+        return UserError(f"could not write {path}: {os_errors[0].strerror or os_errors[0]}")
     return None
+
+
+def _raise_write_error(path, error, cleanup):
+    user_error = write_error(path, error) if isinstance(error, Exception) else None  # before cleanup frees space
+    with contextlib.suppress(OSError):
+        cleanup()
+    if user_error is None:
+        raise error
+    raise user_error from None
 
 
 def atomic_write(path, write, manifest=False):
-    """Call write(f) on a binary file in the same folder, fsync, then rename it over `path`.
-
-    A crash or a full disk leaves the previous file intact; the partial file is removed on any
-    exception. A full disk (OSError ENOSPC/EDQUOT, or torch's RuntimeError from a failed write) and
-    other OS errors end in a one-line UserError naming `path`; other exceptions propagate unchanged.
-
-    manifest=True also writes <path>.sha256 with the digest of the bytes written (hashed on the way,
-    not read back). The order keeps a manifest from ever vouching for the wrong bytes:
-      1. the new content goes to a temp file and is fsynced;
-      2. the old manifest is removed; a crash now leaves the old file without manifest: it loads
-         unverified, as a file from before manifests would;
-      3. the temp file replaces `path`; a crash now leaves the new, complete file without manifest
-         (unverified again, never checked against the old file's digest);
-      4. the new manifest is written, itself atomically.
-    A stale manifest (its file replaced by other means) therefore fails verification instead of passing.
-    """
+    """write(f) into a temp file, fsynced and renamed over `path`: a crash or full disk leaves the previous file.
+    manifest=True also writes <path>.sha256 of the bytes written, after the file."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = temp_path(path)
-    stream = None
     try:
-        with _open_for_writing(tmp) as f:
+        with open(tmp, "wb") as f:
             stream = _HashingWriter(f) if manifest else f
             write(stream)
             f.flush()
             os.fsync(f.fileno())
-        _remove_quietly(manifest_path(path))  # also without manifest=True: a manifest must not outlive its file
+        _remove_quietly(manifest_path(path))  # a manifest must not outlive its file
         os.replace(tmp, path)
-    except BaseException as e:  # KeyboardInterrupt and SystemExit too: never leave a partial temp file
-        user_error = _write_error(path, e) if isinstance(e, Exception) else None  # before the temp file frees space
-        try:
-            _remove_quietly(tmp)
-        except OSError:
-            pass
-        if user_error is None:
-            raise
-        raise user_error from None
+    except BaseException as e:  # KeyboardInterrupt too
+        _raise_write_error(path, e, lambda: _remove_quietly(tmp))
     if manifest:
         line = f"{stream.sha256.hexdigest()}  {os.path.basename(path)}\n"
         atomic_write(manifest_path(path), lambda f: f.write(line.encode()))
 
 
 def atomic_save(obj, path):
-    """torch.save through atomic_write, with a checksum manifest (<path>.sha256) that load() verifies."""
     atomic_write(path, lambda f: torch.save(obj, f), manifest=True)
 
 
 def write_json(path, obj):
-    """`obj` as indented JSON at `path`, written atomically (a full disk ends in one line, the old file intact)."""
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def append_text(path, text):
-    """Append `text` (e.g. one JSON line of metrics.jsonl) to `path`, fsynced. A failed append leaves the
-    file as it was (cut back to its old length, so no half line is left for the next one to join) and
-    ends in a one-line UserError; a full disk in the same line as atomic_write's."""
+    """Append `text`, fsynced; a failed append cuts the file back (no half line)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    data, size = text.encode(), None
+    size = None
     try:
-        with _open_for_writing(path, "ab") as f:
+        with open(path, "ab") as f:
             size = os.fstat(f.fileno()).st_size
-            f.write(data)
+            f.write(text.encode())
             f.flush()
             os.fsync(f.fileno())
-    except BaseException as e:
-        if size is not None:  # cut back only once the file is closed: closing flushes what was still buffered
-            try:
-                os.truncate(path, size)
-            except OSError:
-                pass
-        user_error = _write_error(path, e) if isinstance(e, Exception) else None
-        if user_error is None:
-            raise
-        raise user_error from None
+    except BaseException as e:  # cut back once closed: closing flushes
+        _raise_write_error(path, e, lambda: size is not None and os.truncate(path, size))
 
 
 def read_jsonl(path):
-    """The rows of a JSON-lines file such as metrics.jsonl ([] if there is none); a line cut short by a killed
-    writer is skipped."""
+    """The rows of a JSON-lines file ([] without one), less a line cut short by a kill."""
     rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
     return rows
 
 
 def remove(path):
-    """Delete a file written here and its manifest (pruning old checkpoints). The file goes first: a crash
-    in between leaves a manifest without its file, which fails (never passes) a file later put there by
-    other means. A missing file or manifest is not an error."""
+    """The file, then its manifest: a crash in between leaves a manifest that fails, never passes."""
     _remove_quietly(path)
     _remove_quietly(manifest_path(path))
 
 
 def pid_alive(pid):
-    """Whether a process of this pid exists on this host (a pid that cannot exist here counts as alive: not ours to judge)."""
+    """Whether process `pid` exists on this host; a pid this system cannot have counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except (OverflowError, ValueError):  # not a pid this system could have: not ours to judge, keep the file
-        return True
+    except (PermissionError, OverflowError, ValueError):
+        pass
     return True
 
 
 def remove_stale_temp(folder):
-    """Remove, recursively under `folder`, the temp files of atomic_write whose writer is dead: written on
-    this host (by name) by a process that no longer exists. Temp files of other hosts (a shared file
-    system) and of live processes are kept; so are old-style `.tmp<pid>` names, whose host is unknown.
-    A reused pid keeps a dead writer's file (the safe side). Returns the paths removed, sorted.
-
-    Hosts are told apart by name: two containers that share a host name but not a pid namespace must not
-    clean each other's folders."""
-    host, removed = _host(), []
+    """Remove the temp files under `folder` of this host's processes that no longer exist."""
+    host, removed = host_name(), []
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
-            m = TEMP_NAME.fullmatch(name)
-            path = os.path.join(dirpath, name)
+            m, path = TEMP_NAME.fullmatch(name), os.path.join(dirpath, name)
             if m is None or m["host"] != host or pid_alive(int(m["pid"])) or os.path.islink(path):
                 continue
-            try:
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
                 os.remove(path)
                 removed.append(path)
-            except OSError:  # gone meanwhile, or not ours to remove
-                pass
     return sorted(removed)
 
 
 def verify(path, what="file", advice="delete it and run again"):
-    """Compare `path` with its manifest <path>.sha256, if it has one (files without one pass: written before
-    manifests). UserError '<what> <path>: checksum mismatch ...; <advice>' when they differ."""
+    """UserError naming `path` when it differs from its manifest (if it has one)."""
     path = os.fspath(path)
     try:
         with open(manifest_path(path), "rb") as f:
@@ -263,11 +176,9 @@ def verify(path, what="file", advice="delete it and run again"):
         return
     except OSError as e:
         raise UserError(f"{what} {path}: its checksum manifest is unreadable ({e.strerror}); {advice}") from None
-    sha256 = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK_BYTES):
-                sha256.update(chunk)
+            sha256 = hashlib.file_digest(f, "sha256")
     except FileNotFoundError:
         raise UserError(f"{what} {path} not found") from None
     except OSError as e:
@@ -278,37 +189,30 @@ def verify(path, what="file", advice="delete it and run again"):
 
 
 def load(path):
-    """torch.load without executing code, after verify(); a corrupt, truncated or altered file raises
-    UserError naming it."""
+    """torch.load without executing code, after verify()."""
     advice = "delete it to fall back to an earlier one"
     verify(path, "checkpoint", advice)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} not found") from None
-    except Exception as e:  # truncated zip, pickle error, unexpected types: all mean "not a usable checkpoint"
+    except Exception as e:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); {advice}") from None
 
 
 def files_named(folder, prefix="", suffix=""):
-    """Sorted paths of the files in `folder` whose names start with `prefix` and end with `suffix` ([] if there is no
-    folder). A plain listing, not a glob: run directories whose names hold glob characters ([, *, ?) work alike."""
+    """Sorted paths of the files <prefix>...<suffix> in `folder` (no glob: folder names may hold [*?])."""
     try:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(os.path.join(folder, n) for n in names
-                  if n.startswith(prefix) and n.endswith(suffix) and len(n) >= len(prefix) + len(suffix))
+    return sorted(os.path.join(folder, n) for n in names if n.startswith(prefix) and n.endswith(suffix) and len(n) >= len(prefix + suffix))
 
 
 def numbered_files(folder, prefix, suffix):
-    """[(N, path)] of the files `<prefix><N><suffix>` in `folder` (N a non-negative integer), sorted by N."""
-    found = []
-    for path in files_named(folder, prefix, suffix):
-        number = os.path.basename(path)[len(prefix):len(os.path.basename(path)) - len(suffix)]
-        if number.isascii() and number.isdigit():
-            found.append((int(number), path))
-    return sorted(found)
+    """[(N, path)] of the files <prefix><N><suffix> in `folder`, sorted by N."""
+    found = ((os.path.basename(p)[len(prefix):-len(suffix) or None], p) for p in files_named(folder, prefix, suffix))
+    return sorted((int(n), p) for n, p in found if n.isascii() and n.isdigit())
 
 
 def checkpoint_path(outdir, epoch):
@@ -320,42 +224,39 @@ def resume_path(outdir, t_img):
 
 
 def list_checkpoints(outdir):
-    """[(epoch, path)] of the per-epoch checkpoints, oldest first."""
     return numbered_files(os.path.join(outdir, "checkpoints"), "epoch_", ".pt")
 
 
 def list_resume_checkpoints(outdir):
-    """[(t_img, path)] of the mid-epoch checkpoints, oldest first."""
     return numbered_files(os.path.join(outdir, "checkpoints"), "resume_", ".pt")
 
 
-def load_newest(outdir, required=("net",)):
-    """The newest checkpoint that loads and has the required keys, or None; corrupt ones are reported and skipped."""
-    for epoch, path in reversed(list_checkpoints(outdir)):
+def load_newest(outdir, required=("net",), paths=None):
+    """The newest checkpoint (of `paths`, newest first; default the per-epoch ones) that loads and has the required keys,
+    or None; broken ones are skipped with a warning."""
+    for path in paths if paths is not None else [p for _, p in reversed(list_checkpoints(outdir))]:
         try:
             ckpt = load(path)
         except UserError as e:
-            print(f"warning: {e}", file=sys.stderr)
+            print(f"warning: {e}", file=sys.stderr, flush=True)
             continue
         if isinstance(ckpt, dict) and all(k in ckpt for k in required):
             return ckpt
-        print(f"warning: checkpoint {path} lacks {', '.join(required)}; skipped", file=sys.stderr)
+        print(f"warning: checkpoint {path} lacks {', '.join(required)}; skipped", file=sys.stderr, flush=True)
     return None
 
 
 def load_epoch(outdir, epoch=None, required=("net",)):
-    """Checkpoint of a given epoch (None = newest valid); UserError with what exists when it is missing."""
+    """The checkpoint of `epoch` (None: the newest valid one); UserError listing those that exist."""
+    folder = os.path.join(outdir, "checkpoints")
     if epoch is None:
-        ckpt = load_newest(outdir, required)
-        if ckpt is None:
-            raise UserError(f"no usable checkpoint in {os.path.join(outdir, 'checkpoints')}; train first or pass --outdir")
+        if (ckpt := load_newest(outdir, required)) is None:
+            raise UserError(f"no usable checkpoint in {folder}; train first or pass --outdir")
         return ckpt
     available = dict(list_checkpoints(outdir))
     if epoch not in available:
-        have = ", ".join(str(e) for e in sorted(available)) or "none"
-        raise UserError(f"no checkpoint for epoch {epoch} in {os.path.join(outdir, 'checkpoints')} (available: {have})")
+        raise UserError(f"no checkpoint for epoch {epoch} in {folder} (available: {', '.join(map(str, sorted(available))) or 'none'})")
     ckpt = load(available[epoch])
-    missing = [k for k in required if k not in ckpt]
-    if missing:
+    if missing := [k for k in required if k not in ckpt]:
         raise UserError(f"checkpoint {available[epoch]} lacks {', '.join(missing)}")
     return ckpt

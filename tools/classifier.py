@@ -1,14 +1,4 @@
-"""A small CNN classifier of a dataset, trained here, as a feature extractor that needs no download.
-
-Its pooled penultimate activations are the features of FD_classifier, KID, precision and recall, and
-its softmax gives the class coverage of a sample set (tools/quality.py). MNIST-style generative papers
-score with such a dataset classifier; its numbers are comparable only with numbers from the same
-classifier (the file name carries a hash of the training data and of this file's code).
-
-The classifier trains once per dataset and resolution with a fixed seed, on the CPU for small
-datasets (digits: seconds), and is cached under DATA_CACHE/metric-classifiers/; a change of the data
-or of this file trains a new one.
-"""
+"""A small CNN classifier of a dataset, trained here and cached: metric features without a download (docs/METRICS.md)."""
 
 import hashlib
 import os
@@ -21,17 +11,17 @@ from tools.checkpoint import atomic_save, verify
 from tools.cli import UserError
 from tools.data import cache_dir, load_dataset, to_float
 
-WIDTH = 32            # Channels of the first stage; the features have 4 * WIDTH channels.
-EPOCHS = 15           # Passes over a small training split; large ones get fewer (STEPS_MAX).
-STEPS_MAX = 6000      # Cap on optimizer steps, so CIFAR-sized sets train in minutes on a GPU.
-BATCH = 64            # Images per step.
-LR = 3e-3             # Peak of the one-cycle schedule.
-SEED = 0              # Weights, data order and shifts: the classifier is a function of the data and this file.
-SMALL_DATASET = 20000  # Below this many training images, train on the CPU (deterministic, fast enough).
+WIDTH = 32             # channels of the first stage; the features have 4 * WIDTH
+EPOCHS = 15            # passes over a small training split
+STEPS_MAX = 6000       # cap on optimizer steps, so that CIFAR-sized sets train in minutes on a GPU
+BATCH = 64             # images per step
+LR = 3e-3              # peak of the one-cycle schedule
+SEED = 0               # weights, data order and shifts
+SMALL_DATASET = 20000  # smaller training splits train on the CPU (deterministic)
 
 
 class Classifier(torch.nn.Module):
-    """Three conv stages (each two 3x3 convs with group norm and ReLU), global average pooling, a linear head."""
+    """Three stages of two 3x3 convs with group norm and ReLU, global average pooling, a linear head."""
 
     def __init__(self, img_channels, num_classes, width=WIDTH):
         super().__init__()
@@ -46,8 +36,7 @@ class Classifier(torch.nn.Module):
         self.head = torch.nn.Linear(c, num_classes)
         self.feature_dim, self.num_classes = c, num_classes
 
-    def features(self, x):
-        """Pooled penultimate activations [N, 4 * WIDTH] of float images in [-1, 1]."""
+    def features(self, x):  # pooled penultimate activations [N, 4 * WIDTH] of float images in [-1, 1]
         return self.body(x).mean(dim=(2, 3))
 
     def forward(self, x):
@@ -55,9 +44,8 @@ class Classifier(torch.nn.Module):
 
 
 def _fingerprint(images, labels):
-    """Hash of the training data, of this file (the architecture and recipe) and of the torch major version."""
-    h = hashlib.sha256()
-    h.update(images.contiguous().numpy().tobytes())
+    """Hash of the training images and labels and of this file (the architecture and recipe)."""
+    h = hashlib.sha256(images.contiguous().numpy().tobytes())
     h.update(labels.numpy().astype(np.int64).tobytes())
     with open(__file__, "rb") as f:
         h.update(f.read())
@@ -68,9 +56,8 @@ def _train(images, labels, num_classes, device):
     torch.manual_seed(SEED)
     model = Classifier(images.shape[1], num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    batch = min(BATCH, len(images))  # a folder of fewer images than BATCH: one batch of all of them per step
-    steps_per_epoch = len(images) // batch
-    total = min(EPOCHS * steps_per_epoch, STEPS_MAX)
+    batch = min(BATCH, len(images))
+    total = min(EPOCHS * (len(images) // batch), STEPS_MAX)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=total)
     g = torch.Generator().manual_seed(SEED)
     x_all, y_all = images.to(device), labels.to(device)
@@ -80,10 +67,8 @@ def _train(images, labels, num_classes, device):
             if len(idx) < batch or step == total:
                 continue
             idx = idx.to(device)
-            x = to_float(x_all[idx])
-            shift = torch.randint(-1, 2, (2,), generator=g).tolist()  # small translations: robustness to samples
-            x = torch.roll(x, shifts=shift, dims=(2, 3))
-            loss = F.cross_entropy(model(x), y_all[idx])
+            shift = torch.randint(-1, 2, (2,), generator=g).tolist()  # small shifts: robustness to samples
+            loss = F.cross_entropy(model(torch.roll(to_float(x_all[idx]), shifts=shift, dims=(2, 3))), y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -105,47 +90,35 @@ def outputs(model, images, batch=500, device=None):
 
 
 def accuracy(model, images, labels):
-    _, probs = outputs(model, images)
-    return float((probs.argmax(1) == labels.numpy()).mean())
+    return float((outputs(model, images)[1].argmax(1) == labels.numpy()).mean())
 
 
 def load_or_train(cfg, device="cpu", log=print):
-    """The dataset classifier of `cfg`'s dataset and resolution: loaded from the cache, or trained and cached.
-    Returns the model (eval mode) with `.name` (for FD_<name>) and `.test_accuracy` set."""
+    """The classifier of `cfg`'s dataset and resolution, cached under a hash of the data and this file."""
     images, labels = load_dataset(cfg, "train")
-    num_classes = int(labels.max()) + 1
+    num_classes, dataset = int(labels.max()) + 1, cfg["data"]["dataset"]
     if num_classes < 2:
-        raise UserError(f"{cfg['data']['dataset']}: the dataset classifier needs labelled images of at least 2 classes "
+        raise UserError(f"{dataset}: the dataset classifier needs labelled images of at least 2 classes "
                         f"(a folder dataset needs one sub-folder per class); use --metric-features inception")
-    d = cfg["data"]
-    tag = f"{d['dataset']}-{images.shape[-1]}px-{_fingerprint(images, labels)}"
-    path = cache_dir(cfg, "metric-classifiers", f"{tag}.pt")
-    train_device = torch.device("cpu") if len(images) < SMALL_DATASET else torch.device(device)
-    if os.path.isfile(path):
+    tag = f"{dataset}-{images.shape[-1]}px-{_fingerprint(images, labels)}"
+    path, model = cache_dir(cfg, "metric-classifiers", f"{tag}.pt"), None
+    if os.path.isfile(path):  # missing, altered or unreadable: trained again
         try:
             verify(path, "dataset classifier", advice="training it again")
             state = torch.load(path, map_location="cpu", weights_only=True)
             model = Classifier(images.shape[1], num_classes)
             model.load_state_dict(state["model"])
             model.test_accuracy = state["test_accuracy"]
-        except UserError as e:  # checksum mismatch
-            log(str(e))
-            state = None
-        except Exception as e:
-            log(f"dataset classifier {path} is unreadable ({type(e).__name__}); training it again")
-            state = None
-    else:
-        state = None
-    if state is None:
-        log(f"training the dataset classifier for {d['dataset']} ({len(images)} images, {num_classes} classes, "
+        except Exception as e:  # a UserError: a checksum mismatch
+            model = None
+            log(str(e) if isinstance(e, UserError) else f"dataset classifier {path} is unreadable ({type(e).__name__}); training it again")
+    if model is None:
+        train_device = torch.device("cpu") if len(images) < SMALL_DATASET else torch.device(device)
+        log(f"training the dataset classifier for {dataset} ({len(images)} images, {num_classes} classes, "
             f"{train_device.type}); cached in {path}")
         model = _train(images, labels, num_classes, train_device).cpu()
-        test_images, test_labels = load_dataset(cfg, "test")
-        model.test_accuracy = accuracy(model, test_images, test_labels)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_save(dict(model=model.state_dict(), test_accuracy=model.test_accuracy, dataset=d["dataset"],
-                         num_classes=num_classes), path)
+        model.test_accuracy = accuracy(model, *load_dataset(cfg, "test"))
+        atomic_save(dict(model=model.state_dict(), test_accuracy=model.test_accuracy, dataset=dataset, num_classes=num_classes), path)
         log(f"dataset classifier: {model.test_accuracy * 100:.2f}% test accuracy")
-    model.name = "classifier"
-    model.tag = tag
+    model.name, model.tag = "classifier", tag
     return model.eval().requires_grad_(False).to(device)

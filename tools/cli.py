@@ -1,19 +1,11 @@
-"""Command-line plumbing shared by the entry scripts: user errors end in one line and exit code 2; flag parsers.
-
-Under torchrun every rank runs the same script on the same files and meets the same mistake; the line
-is printed by rank 0 alone (torchrun's own failure report follows it). Code that knows an error is its
-rank's own marks it `shared = False`, and that rank prints it with its number.
-"""
+"""Command-line plumbing of the entry scripts: user errors end in one line and exit code 2; flag parsers."""
 
 import os
 import sys
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad key, missing data, broken checkpoint). The message says how.
-
-    `shared`: whether every rank raises it; None (unknown) counts as yes, False makes a rank other than 0
-    print it too."""
+    """A mistake the user can fix; the message says how. Rank 0 alone prints it unless `shared` is False."""
 
     shared = None
 
@@ -26,8 +18,13 @@ class Stopped(Exception):
         self.signum = signum
 
 
+def first_line(error):
+    """What an exception says, in one line: the first line of its message, else its type's name."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
 def parse_numbers(text, flag):
-    """'1,1.5,2' -> [1.0, 1.5, 2.0] for a comma-separated flag; UserError naming the flag otherwise."""
+    """'1,1.5,2' -> [1.0, 1.5, 2.0]."""
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
@@ -35,7 +32,7 @@ def parse_numbers(text, flag):
 
 
 def parse_seeds(text):
-    """'0-49999' or '0,3,10-19' -> sorted unique list of non-negative ints; a range holds both ends, low <= high."""
+    """'0-49999' or '0,3,10-19' -> sorted unique non-negative ints; a range holds both ends."""
     seeds = set()
     for part in text.split(","):
         lo, dash, hi = (s.strip() for s in part.partition("-"))
@@ -47,16 +44,13 @@ def parse_seeds(text):
 
 
 def run_main(main):
-    """Run main(); a UserError prints `error: <message>` on one line and exits 2, a clean stop on a signal
-    exits 128 + the signal number after one line, and Ctrl-C outside training exits 130."""
+    """Run main(): a UserError ends in one line and exit 2, a stop on a signal in 128 + its number."""
     rank = int(os.environ.get("RANK", "0") or 0)
     try:
         main()
     except UserError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        elif e.shared is False:
-            print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        if rank == 0 or e.shared is False:
+            print(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Stopped as e:
         if rank == 0:

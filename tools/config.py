@@ -1,11 +1,5 @@
-"""YAML configs: every key declared once, `section.key=value` overrides, validation, and building the network.
-
-A config has a top-level `unet` (the network file, e.g. unetE.py) and the sections of SCHEMA. Each key is a
-Key: its default (which also fixes its type), a one-line meaning, and what values it may take (choices,
-taken from the module that owns them, or a numeric range). The `network` section's keys and defaults are
-the UNet constructor's arguments of the chosen file; NETWORK_KEYS adds their ranges. A typo, a wrong type
-or an out-of-range value stops the run here in one line, before anything is built.
-"""
+"""YAML configs: every key declared once (SCHEMA), `section.key=value` overrides, validation, building the network.
+A bad key or value stops the run here in one line, before anything is built (docs/DESIGN.md, Configs)."""
 
 import copy
 import importlib
@@ -19,11 +13,12 @@ import yaml
 from tools.augment import AUGMENT_DIM, EDM_XFLIP, GATED, STRENGTH_RANGES, STRENGTHS, Augment, is_on
 from tools.cli import UserError
 from tools.data import DATASETS
-from tools.edm import EDM, LOSS_WEIGHTINGS
+from tools.layers import number_dropout_layers
+from tools.edm import EDM, LOSSES, EDMLoss
 from tools.ema import SNAPSHOT_DTYPES
 from tools.linear_probe import CLASSIFIERS
 from tools.precision import PRECISIONS
-from tools.sampler import SAMPLERS
+from tools.sampler import PARAMS, SAMPLERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_CURVE_SAMPLES = 40  # train.eval_samples: the quality curve's 4 seed blocks (tools/evaluation.py) of >= 10 samples
@@ -33,19 +28,15 @@ MIN_CURVE_SAMPLES = 40  # train.eval_samples: the quality curve's 4 seed blocks 
 # Allowed values.
 
 class Range:
-    """Numbers between `lo` and `hi` (None = unbounded), each bound closed or open. A bound is a number, the name
-    of another key of the same section (sample.sigma_max > sample.sigma_min), or a (value, text) pair."""
+    """Numbers between `lo` and `hi` (None = unbounded), each bound closed or open: a number, another key of the
+    section (sample.sigma_max > sample.sigma_min), or a (value, text) pair."""
 
     def __init__(self, lo=None, hi=None, lo_open=False, hi_open=True):
         self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
 
-    @staticmethod
-    def _value(bound, values):
-        return values[bound] if isinstance(bound, str) else bound[0] if isinstance(bound, tuple) else bound
-
     def holds(self, x, values):
         """Whether x lies in the range; NaN lies in none."""
-        lo, hi = self._value(self.lo, values), self._value(self.hi, values)
+        lo, hi = (values[b] if isinstance(b, str) else b[0] if isinstance(b, tuple) else b for b in (self.lo, self.hi))
         return ((lo is None or (x > lo if self.lo_open else x >= lo))
                 and (hi is None or (x < hi if self.hi_open else x <= hi)))
 
@@ -69,11 +60,10 @@ def above(bound):
 
 
 class Key:
-    """One config key: default (its type too), meaning, and allowed values: `choices`, or a `range` for a number,
-    or `each` (a Range for every entry) with `length` (fewest, most or None) for a list of numbers. Numbers must
-    be finite unless `infinite_ok`."""
+    """One config key: default (its type too), meaning, allowed values (`choices`, a `range`, or `each` and `length`
+    for a list of numbers). Numbers must be finite unless `infinite_ok`."""
 
-    def __init__(self, default, meaning, choices=None, range=None, each=None, length=(0, None), infinite_ok=False):
+    def __init__(self, default=None, meaning="", choices=None, range=None, each=None, length=(0, None), infinite_ok=False):
         self.default, self.meaning, self.choices = default, meaning, choices
         self.range, self.each, self.length, self.infinite_ok = range, each, length, infinite_ok
 
@@ -86,26 +76,14 @@ SCHEMA = {
         "dataset": Key("digits", "Dataset: " + " | ".join(DATASETS) + ".", choices=DATASETS),
         "root": Key("./data", "Where real datasets live (nothing is downloaded; never written to)."),
         "cache": Key("./cache", "Derived files shared by runs: decoded image folders, FID statistics, dataset classifiers."),
-        "xflip": Key(False, "Leaky horizontal flips: half the training images mirrored, the network not told (the small-data "
-                            "reference's way; augment.xflip is the non-leaky one)."),
+        "xflip": Key(False, "Leaky x-flips: half the training images mirrored, the network not told (augment.xflip: non-leaky)."),
         "use_labels": Key(False, "Feed class labels to the network (needs network.label_dim)."),
-        "max_images": Key(0, "Train on the first N images of the training split (0 = all), to study small data; the "
-                             "held-out split is unchanged.", range=at_least(0)),
-    },
-    "diffusion": {
-        "sigma_data": Key(0.5, "Std of the data (images in [-1, 1]).", range=above(0)),
-        "P_mean": Key(-1.2, "Mean of ln(sigma) during training."),
-        "P_std": Key(1.2, "Std of ln(sigma) during training.", range=above(0)),
-        "loss_weighting": Key("uncertainty", "uncertainty (learned, EDM2 eq. 21) | scaled (plain EDM).", choices=LOSS_WEIGHTINGS),
-        "logvar_channels": Key(128, "Fourier features of the uncertainty head u(sigma).", range=at_least(1)),
+        "max_images": Key(0, "Train on the first N training images (0 = all); the held-out split stays whole.", range=at_least(0)),
     },
     "augment": {
-        "p": Key(0.0, "Probability of each transform, per training image (non-leaky: the network is told what was done, "
-                      "sampling says nothing was); 0 = none.", range=Range(0, 1, hi_open=False)),
-        "xflip": Key(0.0, f"Probability of the non-leaky x-flip, of its own (EDM: {EDM_XFLIP:g}, every image flipped with "
-                          f"probability 1/2 and the network told); 0 = none.", range=Range(0, 1, hi_open=False)),
-        "transforms": Key(list(GATED), "Transforms applied with probability p each (tools/augment.py): "
-                                       + ", ".join(GATED) + "."),
+        "p": Key(0.0, "Probability of each transform per image (non-leaky: the network is told); 0 = none.", range=Range(0, 1, hi_open=False)),
+        "xflip": Key(0.0, f"Probability of the non-leaky x-flip (EDM: {EDM_XFLIP:g}, half the images); 0 = none.", range=Range(0, 1, hi_open=False)),
+        "transforms": Key(list(GATED), "Transforms applied with probability p each (tools/augment.py): " + ", ".join(GATED) + "."),
         **{k: Key(STRENGTHS[k], meaning, range=Range(*STRENGTH_RANGES[k], hi_open=False)) for k, meaning in (
             ("translate_int_max", "Integer translation up to this fraction of the image size."),
             ("scale_iso_std", "Std of log2 of the isotropic scale."),
@@ -124,56 +102,41 @@ SCHEMA = {
         "lr_ref_epochs": Key(400.0, "t_ref of the inverse-sqrt decay; 0 = constant after warm-up.", range=at_least(0)),
         "betas": Key([0.9, 0.99], "Adam betas (EDM2: beta2 = 0.99).", each=UNIT, length=(2, 2)),
         "eps": Key(1e-8, "Adam eps.", range=above(0)),
-        "precision": Key("bf16", "Numerics of training: " + " | ".join(PRECISIONS) + " (tools/precision.py; on CPUs too, where "
-                                 "fp32 is fastest; tf32 = float32 with TF32 matmuls and convolutions on GPUs).", choices=PRECISIONS),
+        "precision": Key("bf16", "Numerics of training (tools/precision.py; fp32 is fastest on CPUs): " + " | ".join(PRECISIONS) + ".",
+                         choices=PRECISIONS),
         "compile": Key(False, "torch.compile the network."),
-        "deterministic": Key(False, "Deterministic GPU kernels (cuDNN, cuBLAS, attention): two runs, or a run and its resume, "
-                                    "give the same bits on the same GPU model and software; slower (docs/RELIABILITY.md)."),
+        "deterministic": Key(False, "Deterministic GPU kernels: the same bits from a run and its resume on the same GPU and software; slower."),
         "gns": Key(True, "Log the gradient noise scale B_simple (tools/gns.py; needs train.batch_gpu < batch_size or 2+ ranks)."),
         "checkpoint_epochs": Key(50, "Checkpoint cadence (and at the end).", range=at_least(1)),
-        "checkpoint_minutes": Key(30.0, "Also a resume checkpoint this often (minutes, mid-epoch too); 0 = only per epoch.",
-                                  range=at_least(0)),
+        "checkpoint_minutes": Key(30.0, "Also a resume checkpoint this often (mid-epoch too); 0 = only per epoch.", range=at_least(0)),
         "keep_checkpoints": Key(3, "Checkpoints kept on disk (newest); 0 = all.", range=at_least(0)),
         "grid_epochs": Key(50, "Cadence of the EMA sample grid (TensorBoard and grids/); 0 = never.", range=at_least(0)),
         "log_steps": Key(50, "TensorBoard and metrics.jsonl cadence in optimizer steps.", range=at_least(1)),
         "max_nonfinite_steps": Key(100, "Stop when the gradients are non-finite this many steps in a row.", range=at_least(1)),
         "label_dropout": Key(0.0, "Probability of dropping the class label (for classifier-free guidance).", range=UNIT),
-        "eval_epochs": Key(0, "Cadence of the evaluation (tools/evaluation.py: validation loss, quality curve); 0 = never.",
-                           range=at_least(0)),
+        "eval_epochs": Key(0, "Cadence of the evaluation (validation loss, quality curve); 0 = never.", range=at_least(0)),
         "eval_sigmas": Key([0.03, 0.1, 0.3, 1.0, 3.0, 10.0], "Noise levels of the validation loss (its total: their mean).",
                            each=above(0), length=(1, None)),
-        "eval_images": Key(0, "Held-out images of the validation loss, and as many training images; 0 = the whole split.",
-                           range=at_least(0)),
-        "eval_samples": Key(0, f"Samples of the quality curve (seeds 0, 1, ...; KID, FD, P/R by the dataset classifier); "
-                               f"0 = none, else >= {MIN_CURVE_SAMPLES}.", range=at_least(0)),
+        "eval_images": Key(0, "Held-out images of the validation loss, as many training images; 0 = the whole split.", range=at_least(0)),
+        "eval_samples": Key(0, f"Samples of the quality curve (KID, FD, P/R); 0 = none, else >= {MIN_CURVE_SAMPLES}.", range=at_least(0)),
         "eval_inception": Key(False, "Also Inception FD/KID on the quality curve where local weights exist (FID_INCEPTION_WEIGHTS)."),
     },
     "ema": {
         "classic_halflife_kimg": Key(500.0, "Classic EMA (ema-pytorch) half-life in thousands of images.", range=above(0)),
         "classic_rampup_ratio": Key(0.05, "Warm-up: half-life <= ratio * images seen; 0 = no warm-up.", range=at_least(0)),
         "sigma_rels": Key([0.05, 0.10], "Power-function EMAs tracked during training (EDM2 section 3).", each=SIGMA_REL),
-        "snapshot_epochs": Key(20.0, "Cadence of power-function EMA snapshots for post-hoc reconstruction; 0 = none.",
-                               range=at_least(0)),
+        "snapshot_epochs": Key(20.0, "Cadence of power-function EMA snapshots for post-hoc EMA; 0 = none.", range=at_least(0)),
         "snapshot_dtype": Key("float32", "Snapshot precision: " + " | ".join(SNAPSHOT_DTYPES) + ".", choices=SNAPSHOT_DTYPES),
     },
     "sample": {
-        "sampler": Key("heun", "Sampler (tools/sampler.py): " + " | ".join(SAMPLERS) + ".", choices=SAMPLERS),
-        "steps": Key(18, "Number of noise levels (evaluations: tools.sampler.sampler_nfe, heun 2*steps - 1); 1 would jump "
-                         "from sigma_max to 0.", range=at_least(2)),
+        "sampler": Key("heun", "Sampler (sample.py --sampler list): " + " | ".join(SAMPLERS) + ".", choices=tuple(SAMPLERS)),
+        "steps": Key(18, "Number of noise levels (heun: 2*steps - 1 evaluations); 1 would jump from sigma_max to 0.", range=at_least(2)),
         "sigma_min": Key(0.002, "Lowest noise level of the schedule.", range=above(0)),
         "sigma_max": Key(80.0, "Highest noise level of the schedule.", range=above("sigma_min")),
         "rho": Key(7.0, "Schedule exponent (EDM eq. 5).", range=above(0)),
-        "S_churn": Key(0.0, "Stochasticity (EDM Alg. 2); 0 = deterministic.", range=at_least(0)),
-        "S_min": Key(0.0, "Lowest noise level with churn.", range=at_least(0)),
-        "S_max": Key(math.inf, "Highest noise level with churn (.inf = every level).", range=at_least("S_min"), infinite_ok=True),
-        "S_noise": Key(1.0, "Noise inflation of every fresh noise after the first (churn, ancestral and SDE samplers).",
-                       range=at_least(0)),
-        "eta": Key(1.0, "Noise of the ancestral and SDE samplers: 1 = the reverse-time SDE, 0 = the ODE.", range=at_least(0)),
-        "rtol": Key(0.05, "dpm_adaptive: relative error tolerance per step (Lu et al. 2022).", range=above(0)),
-        "atol": Key(0.0078, "dpm_adaptive: absolute error tolerance per step (about one 8-bit level).", range=above(0)),
-        "h_init": Key(0.05, "dpm_adaptive: first step in ln sigma.", range=above(0)),
-        "precision": Key("bf16", "Numerics of sampling (sample.py, training grids, the quality curve; part of a sample folder's name): "
-                                 + " | ".join(PRECISIONS) + ".", choices=PRECISIONS),
+        **{k: Key(default, meaning, range=Range(lo, lo_open=lo_open), infinite_ok=math.isinf(default))
+           for k, (default, lo, lo_open, meaning) in PARAMS.items()},  # what the samplers read (tools/sampler.py)
+        "precision": Key("bf16", "Numerics of sampling (part of a sample folder's name): " + " | ".join(PRECISIONS) + ".", choices=PRECISIONS),
         "batch": Key(256, "Images per rank per forward.", range=at_least(1)),
         "num_images": Key(50000, "Images for FID (seeds 0 .. num_images - 1).", range=at_least(1)),
         "ema": Key("classic", "Weights sampled: classic | online | sigma_rel=X."),
@@ -182,36 +145,41 @@ SCHEMA = {
         "block": Key("", "Features: pooled output of this block (probe.py --list-blocks); '' = dec.<2nd-lowest res>_block1."),
         "sigma": Key(0.06, "Noise level of the features (DDAE: --t 4 of the 18-step schedule, 0.0599).", range=above(0)),
         "ema": Key("classic", "Weights probed: classic | online | sigma_rel=X."),
-        "classifier": Key("sklearn", "sklearn (CPU) | torch (the same objective by L-BFGS on the GPU, for large sets).",
-                          choices=CLASSIFIERS),
+        "classifier": Key("sklearn", "sklearn (CPU) | torch (the same objective by L-BFGS on the GPU).", choices=CLASSIFIERS),
         "C_grid": Key([0.001, 0.01, 0.1, 1.0, 10.0], "Inverse L2 strengths tried (scikit-learn's C).", each=above(0), length=(1, None)),
         "holdout": Key(0.1, "Fraction of the training split that chooses C (the test split chooses nothing).", range=UNIT),
         "xflip": Key(False, "Add x-flipped training images' features."),
-        "grid_sigmas": Key([0.01, 0.03, 0.06, 0.15, 0.3, 0.6], "Noise levels of probe.py --grid (with every block).",
-                           each=above(0), length=(1, None)),
+        "grid_sigmas": Key([0.01, 0.03, 0.06, 0.15, 0.3, 0.6], "Noise levels of probe.py --grid.", each=above(0), length=(1, None)),
         "precision": Key("bf16", "Numerics of feature extraction: " + " | ".join(PRECISIONS) + ".", choices=PRECISIONS),
         "batch": Key(512, "Images per rank per forward during feature extraction.", range=at_least(1)),
     },
 }
 
-# The network section: keys and defaults are the UNet constructor's (each argument is commented there); these
-# are the ranges. Sizes must be whole numbers; _check_network adds what the skeleton needs beyond ranges.
+# The network section: the UNet constructor's arguments and defaults (commented there); these are their ranges.
 NETWORK_KEYS = {
-    "img_resolution": Key(None, "", range=at_least(1)),
-    "img_channels": Key(None, "", range=at_least(1)),
-    "label_dim": Key(None, "", range=at_least(0)),
-    "model_channels": Key(None, "", range=at_least(1)),
-    "channel_mult": Key(None, "", each=at_least(1), length=(1, None)),
-    "noise_channels": Key(None, "", range=at_least(1)),    # or None (= model_channels)
-    "emb_channels": Key(None, "", range=at_least(1)),      # or None (= 4 * model_channels)
-    "augment_dim": Key(None, "", range=at_least(0)),       # follows augment.p: see _check_augment
-    "num_blocks": Key(None, "", range=at_least(0)),
-    "channels_per_head": Key(None, "", range=at_least(1)),
-    "dropout": Key(None, "", range=UNIT),
+    "img_resolution": Key(range=at_least(1)),
+    "img_channels": Key(range=at_least(1)),
+    "label_dim": Key(range=at_least(0)),
+    "model_channels": Key(range=at_least(1)),
+    "channel_mult": Key(each=at_least(1), length=(1, None)),
+    "noise_channels": Key(range=at_least(1)),    # or None (= model_channels)
+    "emb_channels": Key(range=at_least(1)),      # or None (= 4 * model_channels)
+    "augment_dim": Key(range=at_least(0)),       # follows augment.p (_check_augment)
+    "num_blocks": Key(range=at_least(0)),
+    "channels_per_head": Key(range=at_least(1)),
+    "dropout": Key(range=UNIT),
 }
 INTEGER_NETWORK_KEYS = ("img_resolution", "img_channels", "noise_channels", "emb_channels", "augment_dim")
+# The diffusion section: the `loss:` class's constructor arguments (tools/edm.py LOSSES); the ranges of EDMLoss's.
+LOSS_KEYS = {
+    "sigma_data": Key(range=above(0)),
+    "P_mean": Key(),
+    "P_std": Key(range=above(0)),
+    "loss_weighting": Key(choices=EDMLoss.WEIGHTINGS),
+    "logvar_channels": Key(range=at_least(1)),
+}
 SECTIONS = ("data", "network", "diffusion", "augment", "train", "ema", "sample", "probe")
-DEFAULTS = {"unet": "unetE.py", **{s: {k: key.default for k, key in keys.items()} for s, keys in SCHEMA.items()}}
+DEFAULTS = {"unet": "unetE.py", "loss": "EDMLoss", **{s: {k: key.default for k, key in keys.items()} for s, keys in SCHEMA.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,39 +194,25 @@ def _is_number(v):
 
 
 def _check_type(where, value, default):
-    """`value` with the type of `default` (ints pass for floats, lists for tuples); UserError otherwise."""
-    if default is None:
-        return value
-    if isinstance(default, tuple):
-        default = list(default)
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = _is_number(value)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
+    """`value` with the type of `default` (ints pass for floats); UserError otherwise."""
+    if isinstance(default, float) and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string
+        except ValueError:
+            pass
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        ok = default is None or isinstance(value, type(default))
     else:
-        ok = isinstance(value, type(default))
+        ok = _is_number(value) and (isinstance(default, float) or isinstance(value, int))
     if not ok:
         raise UserError(f"{where} must be {_type_name(default)}, got {value!r}")
-    return value
+    return float(value) if isinstance(default, float) else value
 
 
 def _check_value(key, where, value, section, values, names):
     """UserError unless `value` (its type checked) is one the Key allows."""
-    if key.choices is not None:
-        allowed = value if isinstance(value, list) else [value]
-        bad = [v for v in allowed if v not in key.choices]
-        if bad:
-            if isinstance(value, list):
-                raise UserError(f"{where} must be a list of names from {', '.join(key.choices)}; {bad[0]!r} is not one")
-            raise UserError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}")
+    if key.choices is not None and value not in key.choices:
+        raise UserError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}")
     if key.each is not None:
         fewest, most = key.length
         count = f"{fewest} numbers" if fewest == most else "a non-empty list of numbers" if fewest else "a list of numbers"
@@ -275,25 +229,24 @@ def _check_value(key, where, value, section, values, names):
 
 
 def check_ranges(section, values, names=None):
-    """UserError unless every key of `values` (one section, types already checked) is allowed by its Key.
-
-    `names` maps keys to what the user typed, e.g. {'steps': '--steps'} for a command-line flag that replaced
-    sample.steps; the message names `section.key` otherwise."""
+    """UserError unless every key of `values` (one section, types checked) is allowed; `names` maps keys to what the
+    user typed instead of `section.key` ({'steps': '--steps'} for a flag)."""
     names = names or {}
-    keys = NETWORK_KEYS if section == "network" else SCHEMA[section]
+    keys = {"network": NETWORK_KEYS, "diffusion": LOSS_KEYS}.get(section) or SCHEMA[section]
     for name, key in keys.items():
         if values.get(name) is not None:
             _check_value(key, names.get(name, f"{section}.{name}"), values[name], section, values, names)
 
 
 def _check_network(net):
-    """What the UNet's skeleton needs beyond the ranges: whole numbers for sizes, and a resolution that halves evenly
-    at every level (a 6x6 image with three levels would meet its 3x3 skip at 2x2), attention where a level is."""
+    """Beyond the ranges: whole sizes, a resolution that halves evenly at every level (a 6x6 image with three levels
+    would meet its 3x3 skip at 2x2), attention where a level is."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     for key in INTEGER_NETWORK_KEYS:
-        if net.get(key) is not None and not (isinstance(net[key], int) and not isinstance(net[key], bool)):
+        if net.get(key) is not None and not is_int(net[key]):
             raise UserError(f"network.{key} must be an integer, got {net[key]!r}")
     mult = net.get("channel_mult")
-    if isinstance(mult, list) and not all(isinstance(m, int) and not isinstance(m, bool) for m in mult):
+    if isinstance(mult, list) and not all(map(is_int, mult)):
         raise UserError(f"network.channel_mult must be a list of integers, got {mult!r}")
     check_ranges("network", net)
     res = net.get("img_resolution")
@@ -309,39 +262,45 @@ def _check_network(net):
 
 
 def _check_augment(cfg):
-    """The augmentation vector reaches the network exactly when training augments: network.augment_dim follows
-    augment.p and augment.xflip (AUGMENT_DIM when either transforms an image, else 0; a value given by hand must
-    agree), so a run can neither train on augmented images without telling the network nor change its network when
-    augmentation is off."""
+    """network.augment_dim follows augment.p and augment.xflip (docs/AUGMENTATION.md, Configuration)."""
     net, a = cfg["network"], cfg["augment"]
-    Augment(**a)  # the transform names and strengths, in one line each
+    Augment(**a)  # the transform names
     if a["p"] > 0 and not a["transforms"]:
         raise UserError("augment.transforms must name at least one transform when augment.p > 0")
     if a["xflip"] > 0 and cfg["data"]["xflip"]:
         raise UserError("data.xflip (leaky) and augment.xflip (non-leaky) both flip images in x: set one of them")
     wanted = AUGMENT_DIM if is_on(a) else 0
-    if "augment_dim" not in net:
-        if wanted:
-            raise UserError(f"augment.p / augment.xflip need a network with an augment_dim argument, which {cfg['unet']} lacks")
-        return
-    if net["augment_dim"] not in (None, 0, wanted) or (net["augment_dim"] and not wanted):
-        raise UserError(f"network.augment_dim follows augment.p and augment.xflip (here {wanted}); leave it out of the config")
-    net["augment_dim"] = wanted
+    if "augment_dim" in net:
+        if net["augment_dim"] not in (None, 0, wanted):
+            raise UserError(f"network.augment_dim follows augment.p and augment.xflip (here {wanted}); leave it out of the config")
+        net["augment_dim"] = wanted
+    elif wanted:
+        raise UserError(f"augment.p / augment.xflip need a network with an augment_dim argument, which {cfg['unet']} lacks")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Network files.
 
-def network_defaults(unet_file):
-    """The `network` keys a network file accepts, with their defaults (None where there is none)."""
-    params = inspect.signature(load_unet_class(unet_file).__init__).parameters
-    return {k: (None if p.default is inspect.Parameter.empty else p.default) for k, p in params.items() if k != "self"}
+def constructor_defaults(cls):
+    """The arguments of a class's constructor with their defaults (None where there is none): the keys of a section.
+    A constructor that passes **kwargs on to its base class (a loss subclass) also takes the base class's."""
+    params = inspect.signature(cls.__init__).parameters
+    out = {k: (None if p.default is p.empty else p.default) for k, p in params.items() if k != "self" and p.kind != p.VAR_KEYWORD}
+    base = cls.__mro__[1]
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()) and base not in (object, torch.nn.Module):
+        out = {**constructor_defaults(base), **out}
+    return out
+
+
+def loss_class(name):
+    if name not in LOSSES:
+        raise UserError(f"loss: {name!r} is not a loss of tools/edm.py; allowed: {', '.join(LOSSES)}")
+    return LOSSES[name]
 
 
 def load_unet_class(unet_file):
-    """The UNet class of a network file at the repository's top level (imported by name, so the repository root must
-    be on the import path: it is for its scripts and for `python -m tools.<name>` run from there)."""
-    # Only unet*.py files: any other module (unet: sample.py) would be imported, side effects and all, before failing.
+    """The UNet class of a top-level unet*.py (imported by name: the repository root must be on the import path). No
+    other module is imported: `unet: sample.py` would run its side effects before failing."""
     allowed = sorted(f for f in os.listdir(ROOT) if f.startswith("unet") and f.endswith(".py") and os.path.isfile(os.path.join(ROOT, f)))
     if unet_file not in allowed:
         raise UserError(f"unet: {unet_file!r} is not a network file; allowed: {', '.join(allowed)}")
@@ -361,9 +320,12 @@ def load_unet_class(unet_file):
 def _merge(cfg, overrides):
     """Apply `section.key=value` strings; values are parsed as YAML (2, 1e-3, true, [1, 2])."""
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise UserError(f"override {item!r} must look like section.key=value, e.g. train.epochs=2")
-        key, text = item.split("=", 1)
+        key, text = item.split("=", 1) if "=" in item else (item, None)
+        if key in ("unet", "loss") and text:
+            cfg[key] = text
+            continue
+        if text is None or "." not in key:
+            raise UserError(f"override {item!r} must look like section.key=value (e.g. train.epochs=2), unet=FILE or loss=NAME")
         section, name = key.split(".", 1)
         try:
             value = yaml.safe_load(text)
@@ -379,14 +341,14 @@ def _merge(cfg, overrides):
 
 
 def _resolve_section(section, given, defaults):
-    """The section's defaults updated by `given`, every key and type checked."""
+    """The section's defaults (tuples as lists) updated by `given`, every key and type checked."""
     if not isinstance(given, dict):
         raise UserError(f"section {section!r} must be a mapping of keys to values")
-    out = copy.deepcopy(defaults)
+    out = copy.deepcopy({k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()})
     for key, value in given.items():
         if key not in defaults:
             raise UserError(f"unknown key {section}.{key}; allowed: {', '.join(defaults)}")
-        out[key] = _check_type(f"{section}.{key}", value, defaults[key])
+        out[key] = _check_type(f"{section}.{key}", value, out[key])
     return out
 
 
@@ -394,25 +356,24 @@ def validate(raw):
     """Fill in defaults and check every key and type; returns the resolved config."""
     if not isinstance(raw, dict):
         raise UserError("a config must be a YAML mapping of sections")
-    cfg = {"unet": raw.get("unet", DEFAULTS["unet"])}
-    if not isinstance(cfg["unet"], str):
-        raise UserError(f"unet must be a string such as unetE.py, got {cfg['unet']!r}")
+    cfg = {key: raw.get(key, DEFAULTS[key]) for key in ("unet", "loss")}
+    for key in ("unet", "loss"):
+        if not isinstance(cfg[key], str):
+            raise UserError(f"{key} must be a string such as {DEFAULTS[key]}, got {cfg[key]!r}")
     for key in raw:
-        if key != "unet" and key not in SECTIONS:
-            raise UserError(f"unknown top-level key {key!r}; allowed: unet, {', '.join(SECTIONS)}")
+        if key not in ("unet", "loss") and key not in SECTIONS:
+            raise UserError(f"unknown top-level key {key!r}; allowed: unet, loss, {', '.join(SECTIONS)}")
+    defaults = {**DEFAULTS, "network": constructor_defaults(load_unet_class(cfg["unet"])),
+                "diffusion": constructor_defaults(loss_class(cfg["loss"]))}
     for section in SECTIONS:
-        given = raw.get(section) or {}
-        if section == "network":
-            out = _resolve_section(section, given, network_defaults(cfg["unet"]))
-            missing = [k for k in ("img_resolution", "img_channels") if out.get(k) is None]
-            if missing:
-                raise UserError(f"network.{missing[0]} is required")
-            out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-            _check_network(out)
-        else:
-            out = _resolve_section(section, given, DEFAULTS[section])
+        cfg[section] = out = _resolve_section(section, raw.get(section) or {}, defaults[section])
+        if section != "network":
             check_ranges(section, out)
-        cfg[section] = out
+            continue
+        missing = [k for k in ("img_resolution", "img_channels") if out.get(k) is None]
+        if missing:
+            raise UserError(f"network.{missing[0]} is required")
+        _check_network(out)
     if 0 < cfg["train"]["eval_samples"] < MIN_CURVE_SAMPLES:
         raise UserError(f"train.eval_samples must be 0 (no quality curve) or at least {MIN_CURVE_SAMPLES} "
                         f"(4 seed blocks of 10), got {cfg['train']['eval_samples']}")
@@ -440,14 +401,13 @@ def dump(cfg):
 # Building.
 
 def build_network(cfg):
-    """UNet(**cfg['network']) from the config's network file."""
-    return load_unet_class(cfg["unet"])(**cfg["network"])
+    """UNet(**cfg['network']) from the config's network file, its dropout layers numbered."""
+    return number_dropout_layers(load_unet_class(cfg["unet"])(**cfg["network"]))
 
 
 def build_edm(cfg):
-    """The trainable model: network wrapped in EDM preconditioning, plus the loss head."""
-    d = cfg["diffusion"]
-    return EDM(build_network(cfg), d["sigma_data"], d["P_mean"], d["P_std"], d["loss_weighting"], d["logvar_channels"])
+    """The trainable model: network wrapped in EDM preconditioning, plus the loss (`loss:`, diffusion section)."""
+    return EDM(build_network(cfg), loss_class(cfg["loss"])(**cfg["diffusion"]))
 
 
 def parameter_count(cfg):

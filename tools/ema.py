@@ -1,12 +1,4 @@
-"""EMAs of the network weights, updated after each optimizer step as functions of the images seen.
-
-- classic: ema-pytorch's EMA with the decay given explicitly each step, from a half-life in images and
-  an explicit warm-up (half-life <= rampup_ratio * images seen), so it does not depend on the batch
-  size or GPU count. (ema-pytorch's own warm-up counts steps: 1 - (1 + k)^(-2/3) reaches 0.9993 only
-  after ~54k steps.)
-- power: the power-function EMAs of EDM2 section 3, beta = (1 - dt/t)^(gamma + 1), snapshotted for
-  post-hoc reconstruction (tools/posthoc.py).
-"""
+"""The classic and the power-function EMAs of the weights, functions of the images seen (docs/DESIGN.md)."""
 
 import os
 
@@ -16,11 +8,11 @@ from ema_pytorch import EMA
 from tools.checkpoint import atomic_save
 from tools.posthoc import power_ema_beta, sigma_rel_to_gamma
 
-SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # ema.snapshot_dtype: the precision snapshots are stored in
+SNAPSHOT_DTYPES = ("float32", "float16", "bfloat16")  # ema.snapshot_dtype
 
 
 def classic_ema_beta(t_img, batch_img, halflife_img, rampup_ratio):
-    """Per-step decay with half-life min(halflife_img, rampup_ratio * t_img); t_img = images seen after the step."""
+    """Per-step decay with the half-life min(halflife_img, rampup_ratio * t_img); t_img = images seen after the step."""
     if rampup_ratio > 0:
         halflife_img = min(halflife_img, rampup_ratio * t_img)
     return 0.5 ** (batch_img / max(halflife_img, 1e-8))
@@ -60,7 +52,7 @@ class EMAs:
 
     def save_snapshot(self, outdir, t_img):
         """snapshots/snapshot_<t_img>.pt with every power EMA, for post-hoc reconstruction."""
-        emas = [{"sigma_rel": s, "gamma": g, "net": {k: v.detach().to("cpu", self.snapshot_dtype if v.is_floating_point() else v.dtype)
-                                                        for k, v in e.ema_model.state_dict().items()}}
+        cast = lambda v: v.detach().to("cpu", self.snapshot_dtype if v.is_floating_point() else v.dtype)
+        emas = [{"sigma_rel": s, "gamma": g, "net": {k: cast(v) for k, v in e.ema_model.state_dict().items()}}
                 for s, g, e in zip(self.sigma_rels, self.gammas, self.power)]
         atomic_save({"t_img": int(t_img), "emas": emas}, os.path.join(outdir, "snapshots", f"snapshot_{int(t_img):012d}.pt"))

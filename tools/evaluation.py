@@ -1,20 +1,5 @@
-"""Evaluation during training, every train.eval_epochs: a validation loss, a quality curve, and a run's summary.
-
-- Validation loss: the training loss function itself (tools/edm.py EDMLoss, the learned weighting u(sigma)
-  included) of the classic-EMA network on the held-out split, at each noise level of train.eval_sigmas, with
-  one fixed noise image per held-out image (the same at every evaluation and in every run, so the curve has no
-  sampling noise of its own); beside it the same quantity on an equally large fixed subset of the images the
-  run trains on. A network that memorises denoises its training images better than held-out ones, so the gap
-  val - train is the memorisation signal, and a validation loss that rises again is its first warning.
-  No flips, no label dropout, no dropout (eval mode); a conditional network gets the images' true labels.
-- Quality curve: train.eval_samples images from seeds 0, 1, ... (those of sample.py) with the sample section's
-  sampler, scored by tools/quality.py with the dataset classifier (KID first: unbiased at small n) in 4 seed
-  blocks, and, with train.eval_inception, also by Inception where local weights exist: FID of all the samples
-  (FID_inception; one number, biased upwards at small n like any FID) and KID over the blocks.
-
-Both are deterministic functions of the weights whatever the number of ranks: the images are cut into chunks
-of sample.batch, chunk c is computed by rank c % world (every image sees the same batch on any rank count),
-the per-image results are gathered, and means are exact sums (math.fsum) in image order.
+"""Evaluation every train.eval_epochs: validation loss beside training loss (their gap: memorisation), a quality curve
+(docs/EVALUATION.md).
 
     python -m tools.evaluation --outdir RUN [--epoch N] [--samples 1000]   # one checkpoint, after the fact
 """
@@ -40,27 +25,24 @@ from tools.generate import sample_seeds
 from tools.inception import WEIGHTS_FILE, find_inception_weights
 from tools.precision import autocast
 from tools.quality import KID_SUBSETS, Scorer, build_extractor, extract, fd_key, reference
-from tools.runs import resolve
+from tools.runs import open_run, run_flags
 from tools.sampler import one_hot, seed_classes
-from tools.schedule import seed_for
+from tools.rng import EVALUATION, generator, image_normals
 
-EVAL_SEED = 0xE7A1          # fixes the subsets and the noise images; independent of train.seed, so runs share them
 HELDOUT, TRAIN = 0, 1       # split codes in the noise seeds
-QUALITY_BLOCKS = 4          # seed blocks of the quality curve (mean +- std, as sample.py --score); see config.MIN_CURVE_SAMPLES
+QUALITY_BLOCKS = 4          # seed blocks of the quality curve (mean +- std, as sample.py --score)
 
 
 def fixed_subset(num_images, n, split):
-    """Indices (sorted) of a fixed random subset of n of num_images images; all of them when n = num_images."""
+    """Sorted indices of a fixed random subset of n of num_images images."""
     if n >= num_images:
         return torch.arange(num_images)
-    g = torch.Generator().manual_seed(seed_for(EVAL_SEED, split, num_images, n))
-    return torch.randperm(num_images, generator=g)[:n].sort().values
+    return torch.randperm(num_images, generator=generator(EVALUATION, split, num_images, n))[:n].sort().values
 
 
 def fixed_noise(split, indices, shape, device):
-    """The noise image of each image index of a split, [len(indices), *shape]: one generator per image."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(seed_for(EVAL_SEED, split, int(i))),
-                                    device=device) for i in indices])
+    """The noise [len(indices), *shape] of each image of a split, the same on any device or batch."""
+    return image_normals((EVALUATION, split), indices, shape, device)
 
 
 def my_chunks(count, chunk, rank, world):
@@ -69,12 +51,12 @@ def my_chunks(count, chunk, rank, world):
 
 
 class Evaluator:
-    """The validation loss and the quality curve of a run; call it with the EMA network at an epoch's end."""
+    """The validation loss and the quality curve of a run; called with the EMA network at an epoch's end."""
 
     def __init__(self, cfg, train_images, train_labels, rank, world, device, log=dist.print0):
-        T, self.cfg = cfg["train"], cfg
+        train, self.cfg = cfg["train"], cfg
         self.rank, self.world, self.device = rank, world, device
-        self.every, self.sigmas, self.num_samples = T["eval_epochs"], list(T["eval_sigmas"]), T["eval_samples"]
+        self.every, self.sigmas, self.num_samples = train["eval_epochs"], list(train["eval_sigmas"]), train["eval_samples"]
         self.chunk = cfg["sample"]["batch"]
         self.label_dim = cfg["network"]["label_dim"] if cfg["data"]["use_labels"] else 0
         self.splits = {}  # split code -> (uint8 images [n, C, H, W], labels [n], indices in their split)
@@ -85,14 +67,14 @@ class Evaluator:
         except UserError as e:
             log(f"validation loss off: no held-out split ({e})")
         else:
-            n = min(len(heldout), len(train_images), T["eval_images"] or len(heldout))
+            n = min(len(heldout), len(train_images), train["eval_images"] or len(heldout))
             for split, (images, labels) in ((HELDOUT, (heldout, heldout_labels)), (TRAIN, (train_images, train_labels))):
                 idx = fixed_subset(len(images), n, split)
                 self.splits[split] = (images[idx.to(images.device)].to(device), labels[idx.to(labels.device)].to(device), idx)
         self.scorer = self.inception = None
         if self.num_samples:
             dist.on_rank0(self._build_scorer)
-            if T["eval_inception"]:
+            if train["eval_inception"]:
                 weights = find_inception_weights()  # local only: a training run never downloads
                 if weights is None:
                     log(f"quality curve: no local Inception weights (FID_INCEPTION_WEIGHTS or {WEIGHTS_FILE} in the torch "
@@ -102,35 +84,21 @@ class Evaluator:
                     dist.on_rank0(self._load_inception, weights, ref)
 
     def _build_scorer(self):
-        """Rank 0: the dataset-classifier scorer of tools/quality.py (the classifier is trained once and cached)."""
         try:
             self.scorer = Scorer(self.cfg, "classifier", self.device, log=lambda m: print(m, flush=True))
         except UserError as e:
             raise UserError(f"the quality curve (train.eval_samples > 0) cannot be scored: {e}; or set train.eval_samples=0") from None
 
     def _load_inception(self, weights, ref):
-        """Rank 0: Inception and the training split's reference statistics with the features they keep."""
         model = build_extractor(self.cfg, "inception", self.device, weights)
         self.inception = (model, *reference(self.cfg, "inception", model, self.device, weights, ref))
-
-    def _inception_scores(self, samples):
-        """FID of all the curve's samples (one number: a sqrtm of 2048 x 2048 costs seconds to a minute on a CPU),
-        and KID as mean +- std over the seed blocks."""
-        model, mu_ref, sigma_ref, ref = self.inception
-        feats = extract("inception", model, samples, self.device)[0]
-        n = len(feats) // QUALITY_BLOCKS
-        kid = [metrics.kid(feats[b * n:(b + 1) * n], ref, num_subsets=KID_SUBSETS, subset_size=min(n, metrics.KID_SUBSET_SIZE))[0]
-               for b in range(QUALITY_BLOCKS)]
-        return dict(FID_inception=metrics.frechet_distance(*metrics.feature_stats(feats), mu_ref, sigma_ref),
-                    KID_inception=float(np.mean(kid)), KID_inception_std=float(np.std(kid, ddof=1)))
 
     def due(self, epoch, last):
         return bool(self.every) and (epoch % self.every == 0 or last)
 
     @torch.no_grad()
     def __call__(self, net, loss_fn, t_img, epoch):
-        """Rows for metrics.jsonl ('eval': validation loss, 'curve': quality) of EMA network `net` with the loss
-        head `loss_fn` (EDMLoss); every rank computes its share, rank 0 gets the rows (the others: [])."""
+        """Rows for metrics.jsonl ('eval', 'curve') of `net` with the loss head `loss_fn`, on rank 0 (elsewhere: [])."""
         amp = lambda: autocast(self.device, self.cfg["train"]["precision"])  # the training loss, as in training
         was_training = net.training
         denoiser = Denoiser(net.eval(), self.cfg["diffusion"]["sigma_data"])
@@ -145,8 +113,14 @@ class Evaluator:
             samples, classes = self.samples(denoiser)
             if self.rank == 0:
                 row = dict(kind="curve", **at, ema="classic", **self.scorer.score(samples, QUALITY_BLOCKS, classes=classes))
-                if self.inception is not None:
-                    row.update(self._inception_scores(samples))
+                if self.inception is not None:  # FID of all samples (one sqrtm of 2048 x 2048), KID per seed block
+                    model, mu_ref, sigma_ref, ref = self.inception
+                    feats = extract("inception", model, samples, self.device)[0]
+                    n = len(feats) // QUALITY_BLOCKS
+                    kid = [metrics.kid(feats[b * n:(b + 1) * n], ref, num_subsets=KID_SUBSETS,
+                                       subset_size=min(n, metrics.KID_SUBSET_SIZE))[0] for b in range(QUALITY_BLOCKS)]
+                    row.update(FID_inception=metrics.frechet_distance(*metrics.feature_stats(feats), mu_ref, sigma_ref),
+                               KID_inception=float(np.mean(kid)), KID_inception_std=float(np.std(kid, ddof=1)))
                 rows.append(row)
         net.train(was_training)
         dist.barrier()  # rank 0 scored alone: the others wait here, not in an NCCL collective (tools/dist.py)
@@ -155,7 +129,7 @@ class Evaluator:
         return rows if self.rank == 0 else []
 
     def losses(self, denoiser, loss_fn, split, amp):
-        """Mean loss at each of the sigmas over the split's evaluation images, exact and rank-independent."""
+        """Mean loss at each of the sigmas over the split's evaluation images."""
         images, labels, idx = self.splits[split]
         n, shape = len(images), images.shape[1:]
         per_image = torch.zeros(len(self.sigmas), n, device=self.device)
@@ -165,7 +139,7 @@ class Evaluator:
             class_labels = one_hot(labels[s].tolist(), self.label_dim, self.device) if self.label_dim else None
             for j, sigma in enumerate(self.sigmas):
                 with amp():
-                    loss = loss_fn(denoiser, y, torch.full((len(y),), sigma, device=self.device), noise, class_labels)
+                    loss = loss_fn.at(denoiser, y, torch.full((len(y),), sigma, device=self.device), noise, class_labels=class_labels)
                 per_image[j, s] = loss.float()
         dist.all_reduce_sum(per_image)  # each entry is computed by one rank, zero elsewhere: the sum is exact
         return [math.fsum(row) / n for row in per_image.double().tolist()]
@@ -184,7 +158,6 @@ class Evaluator:
 
 
 def describe(row):
-    """One line for the terminal."""
     if row["kind"] == "eval":
         return (f"validation loss {row['val_loss']:.4f}, training subset {row['train_loss']:.4f}, gap {row['gap']:+.4f} "
                 f"({row['images']} images each)")
@@ -194,8 +167,7 @@ def describe(row):
 
 
 def summarize_curves(rows):
-    """The run's evaluation at a glance, from its metrics.jsonl rows: best KID of the quality curve and where it
-    was reached, the lowest validation loss and where, and the final train/validation gap. None without rows."""
+    """The best curve KID, the lowest validation loss (with where each was reached) and the final gap, from metrics rows."""
     evals = [r for r in rows if r.get("kind") == "eval"]
     curve = [r for r in rows if r.get("kind") == "curve"]
     if not evals and not curve:
@@ -225,29 +197,22 @@ def summary_lines(s):
     return lines
 
 
-def evaluate_checkpoint(cfg, outdir, device, epoch=None):
-    """Rows ('eval', and 'curve' with train.eval_samples > 0) of one checkpoint's classic EMA, as during training."""
-    ckpt = load_epoch(outdir, epoch, required=("emas", "loss_head", "t_img", "epoch"))
-    edm = build_edm(cfg).to(device)
-    edm.net.load_state_dict(ckpt["emas"]["classic"])
-    edm.loss.load_state_dict(ckpt["loss_head"])
-    images, labels = trained_images(cfg)
-    evaluator = Evaluator(cfg, images, labels, dist.rank(), dist.world_size(), device)
-    return evaluator(edm.net, edm.loss, ckpt["t_img"], ckpt["epoch"])
-
-
 def main(argv=None):
-    """The validation loss (and with --samples, a quality-curve point) of one checkpoint, printed as JSON lines."""
+    """The rows of one checkpoint's evaluation, as during training, printed as JSON lines."""
     p = argparse.ArgumentParser(prog="python -m tools.evaluation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--outdir", required=True, help="the run directory (its config.yaml is read)")
-    p.add_argument("--epoch", type=int, help="checkpoint epoch (default: the newest)")
+    run_flags(p)
     p.add_argument("--samples", type=int, default=0, help="also a quality-curve point from this many samples (default 0: none)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.eval_sigmas=[0.1,1.0]")
     args = p.parse_args(argv)
-    cfg, outdir = resolve(None, args.outdir, [*args.overrides, "train.eval_epochs=1", f"train.eval_samples={args.samples}"])
+    args.overrides += ["train.eval_epochs=1", f"train.eval_samples={args.samples}"]
+    cfg, outdir = open_run(args)
     with dist.session() as (rank, world, device):
-        for row in evaluate_checkpoint(cfg, outdir, device, args.epoch):
+        ckpt = load_epoch(outdir, args.epoch, required=("emas", "loss_head", "t_img", "epoch"))
+        edm = build_edm(cfg).to(device)
+        edm.net.load_state_dict(ckpt["emas"]["classic"])
+        edm.loss.load_state_dict(ckpt["loss_head"])
+        evaluator = Evaluator(cfg, *trained_images(cfg), rank, world, device)
+        for row in evaluator(edm.net, edm.loss, ckpt["t_img"], ckpt["epoch"]):
             print(json.dumps(row), flush=True)
 
 

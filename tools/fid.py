@@ -1,14 +1,8 @@
-"""FID statistics and scores: Inception features of a dataset's training split and of samples, streamed into float64
-sums, and the Frechet distance and KID between them (tools/metrics.py); the network is tools/inception.py.
+"""Inception FID and KID: statistics of a training split and of samples, streamed into float64 sums (docs/METRICS.md).
 
     python -m tools.fid ref --config config/cifar10/E.yaml --out refs/cifar10-train.npz   # torchrun -m works too
     python -m tools.fid score runs/cifar10-E/samples/epoch_1999-classic-heun18-bf16 refs/cifar10-train.npz
     python -m tools.fid compare A.npz B.npz                                               # FID of two statistics files
-
-Reference statistics are pytorch-fid's .npz (mu, sigma), so `python -m pytorch_fid A.npz B.npz` gives the
-same FID (it builds its network even then, so it needs the weights in the torch hub cache), plus `features`:
-a random float16 subset of at most 10,000 reference features for KID, the unbiased metric at small sample
-counts (FID is biased upwards at small n).
 """
 
 if __name__ == "__main__" and not __package__:
@@ -26,95 +20,71 @@ from PIL import Image
 
 from tools import dist
 from tools.checkpoint import atomic_write, write_json
-from tools.cli import UserError, run_main
+from tools.cli import UserError, first_line, run_main
 from tools.config import load_config
 from tools.data import cache_dir, load_dataset
 from tools.inception import FEATURE_DIM, WEIGHTS_FILE, build_inception, features_of_images, find_inception_weights
 from tools.metrics import frechet_distance, kid
 
-REF_FEATURES = 10000                   # Reference features kept for KID.
+REF_FEATURES = 10000  # reference features kept for KID
 
 
 class FeatureStats:
-    """Streaming float64 sums (count, sum x, sum x x^T) for mu and sigma, plus the first `max_keep` raw features for KID."""
+    """Streaming float64 sums (count, sum x, sum x x^T) for mu and sigma; the first `max_keep` features for KID."""
 
     def __init__(self, dim=FEATURE_DIM, max_keep=0):
-        self.dim, self.max_keep = dim, max_keep
-        self.num = 0
-        self.sum = torch.zeros(dim, dtype=torch.float64)
-        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
-        self.kept = []
+        self.dim, self.max_keep, self.num, self.kept = dim, max_keep, 0, []
+        self.sum, self.sum_outer = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64)
 
     def update(self, feats):
         x = torch.as_tensor(feats).to(torch.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise UserError(f"features must be [n, {self.dim}], got {tuple(x.shape)}")
-        if self.num == 0 and self.sum.device != x.device:
+        if self.num == 0:
             self.sum, self.sum_outer = self.sum.to(x.device), self.sum_outer.to(x.device)
         x = x.to(self.sum.device)
         self.num += x.shape[0]
         self.sum += x.sum(0)
         self.sum_outer += x.T @ x
-        room = self.max_keep - self.num_kept()
+        room = self.max_keep - sum(len(k) for k in self.kept)
         if room > 0:
             self.kept.append(x[:room].cpu())
         return self
 
-    def num_kept(self):
-        return sum(len(k) for k in self.kept)
-
-    def features(self):
-        """Kept raw features, float64 [k, dim], in the order seen (across ranks after all_reduce); None if none kept."""
+    def features(self):  # float64 [k, dim] in the order seen
         return torch.cat(self.kept).numpy() if self.kept else None
 
     def all_reduce(self):
-        """Sum over torch.distributed ranks; kept features are gathered and put in the order of a rank-strided pass."""
+        """Sum over the ranks; kept features in the order of a rank-strided pass (rank r's j-th is j * world + r)."""
         if not torch.distributed.is_initialized():
             return self
         comm = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-        packed = torch.cat([torch.tensor([float(self.num)], dtype=torch.float64), self.sum.cpu(), self.sum_outer.cpu().flatten()]).to(comm)
-        dist.all_reduce_sum(packed)
-        packed = packed.cpu()
-        self.num = int(packed[0].item())
-        self.sum = packed[1:1 + self.dim].clone()
+        packed = torch.cat([torch.tensor([float(self.num)], dtype=torch.float64), self.sum.cpu(), self.sum_outer.cpu().flatten()])
+        packed = dist.all_reduce_sum(packed.to(comm)).cpu()
+        self.num, self.sum = int(packed[0].item()), packed[1:1 + self.dim].clone()
         self.sum_outer = packed[1 + self.dim:].reshape(self.dim, self.dim).clone()
         if self.max_keep > 0:
-            world = torch.distributed.get_world_size()
-            mine = torch.zeros(self.max_keep, self.dim, dtype=torch.float64)
-            if self.kept:
-                mine[:self.num_kept()] = torch.cat(self.kept)
-            counts = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(world)]
-            torch.distributed.all_gather(counts, torch.tensor([self.num_kept()], device=comm))
-            gathered = [torch.zeros_like(mine, device=comm) for _ in range(world)]
-            torch.distributed.all_gather(gathered, mine.to(comm))
-            # Rank r's j-th feature is item j * world + r of a pass strided over ranks.
-            order = sorted((j * world + r, r, j) for r in range(world) for j in range(int(counts[r].item())))
-            self.kept = [torch.stack([gathered[r][j].cpu() for _, r, j in order])] if order else []
+            kept = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(kept, self.kept)
+            order = sorted((j * len(kept) + r, f) for r, k in enumerate(kept) for j, f in enumerate(torch.cat(k) if k else []))
+            self.kept = [torch.stack([f for _, f in order])] if order else []
         return self
 
     def mu_sigma(self):
-        """Mean and unbiased covariance (ddof = 1, as np.cov in pytorch-fid), float64 numpy."""
+        """Mean and unbiased covariance (ddof = 1, as pytorch-fid), float64 numpy."""
         if self.num < 2:
             raise UserError(f"FID needs at least 2 images, got {self.num}")
         mu = self.sum / self.num
-        sigma = (self.sum_outer - self.num * torch.outer(mu, mu)) / (self.num - 1)
-        return mu.cpu().numpy(), sigma.cpu().numpy()
+        return mu.cpu().numpy(), ((self.sum_outer - self.num * torch.outer(mu, mu)) / (self.num - 1)).cpu().numpy()
 
-
-# ---------------------------------------------------------------------------------------------
-# Reference statistics and scoring.
 
 def compute_reference(cfg, out_path, weights_path=None, random_weights=False, batch=200, device="cpu"):
-    """Statistics of the whole training split (uint8, no flips), rank-strided over torch.distributed ranks; rank 0 writes
-    `out_path` (.npz: mu, sigma, features) and its metadata `<out_path without .npz>.json`. Returns (mu, sigma) on rank 0."""
+    """Statistics of the training split, strided over the ranks, into `out_path` (.npz) and its .json."""
     if not out_path.endswith(".npz"):
         raise UserError(f"--out {out_path}: must end with .npz (pytorch-fid reads statistics only from .npz files)")
-    model = build_inception(weights_path, random_weights, device)
-    images, _ = load_dataset(cfg, "train")
-    # A fixed random order, so the first features kept form a random subset whatever the rank count.
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    model, (images, _) = build_inception(weights_path, random_weights, device), load_dataset(cfg, "train")
     world, rank = dist.world_size(), dist.rank()
-    mine = order[rank::world]
+    mine = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[rank::world]  # the kept features: a random subset
     stats = FeatureStats(max_keep=-(-REF_FEATURES // world))
     for i in range(0, len(mine), batch):
         features_of_images(model, images[mine[i:i + batch]], batch, device, stats)
@@ -128,23 +98,21 @@ def compute_reference(cfg, out_path, weights_path=None, random_weights=False, ba
                     weights_file=None if random_weights else os.path.basename(find_inception_weights(weights_path)))
         atomic_write(out_path, lambda f: np.savez(f, mu=mu, sigma=sigma, features=features))
         write_json(out_path[:-4] + ".json", info)
-    dist.on_rank0(write)  # a failed write stops every rank with its message; none is left waiting
+    dist.on_rank0(write)
     return stats.mu_sigma() if rank == 0 else None
 
 
 def reference_path(cfg):
-    """DATA_CACHE/fid-refs/<dataset>-<resolution>px[-<root hash>].npz: where --fid auto keeps a training split's
-    statistics (image folders are told apart by their absolute path)."""
-    d, n = cfg["data"], cfg["network"]
-    name = f"{d['dataset']}-{n['img_resolution']}px"
+    """DATA_CACHE/fid-refs/<dataset>-<resolution>px[-<hash of a folder dataset's absolute path>].npz."""
+    d = cfg["data"]
+    name = f"{d['dataset']}-{cfg['network']['img_resolution']}px"
     if d["dataset"] == "folder":
         name += "-" + hashlib.sha256(os.path.abspath(d["root"]).encode()).hexdigest()[:8]
     return cache_dir(cfg, "fid-refs", name + ".npz")
 
 
 def auto_reference(cfg, weights_path=None, device="cpu"):
-    """The training split's statistics at reference_path(cfg), computed on first use. Collective under torchrun:
-    rank 0 decides, and every rank computes its share of a missing reference."""
+    """reference_path(cfg), computed on first use by every rank (collective under torchrun)."""
     path = reference_path(cfg)
     if not dist.broadcast(os.path.exists(path)):
         dist.print0(f"reference statistics: computing {path} from the training split on {dist.world_size()} rank(s)")
@@ -153,15 +121,15 @@ def auto_reference(cfg, weights_path=None, device="cpu"):
 
 
 def load_stats(path):
-    """(mu [d], sigma [d, d], reference features [k, d] float64 or None) from a statistics .npz."""
+    """(mu [d], sigma [d, d], reference features [k, d] float64 or None) of a statistics .npz."""
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such statistics file (make one with: python tools/fid.py ref --config ... --out {path})")
+        raise UserError(f"{path}: no such statistics file (make one with: python -m tools.fid ref --config ... --out {path})")
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             features = f["features"].astype(np.float64) if "features" in f else None
     except Exception as e:
-        raise UserError(f"{path}: not a statistics .npz with mu and sigma ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(f"{path}: not a statistics .npz with mu and sigma ({type(e).__name__}: {first_line(e)})") from None
     d = mu.shape[0] if mu.ndim == 1 else -1
     if mu.ndim != 1 or sigma.shape != (d, d) or (features is not None and (features.ndim != 2 or features.shape[1] != d)):
         raise UserError(f"{path}: inconsistent shapes mu {mu.shape}, sigma {sigma.shape}"
@@ -169,41 +137,31 @@ def load_stats(path):
     return mu, sigma, features
 
 
-def _reference_extractor(ref_path):
-    meta = ref_path[:-4] + ".json" if ref_path.endswith(".npz") else None
-    if meta and os.path.isfile(meta):
-        try:
-            with open(meta) as f:
-                return json.load(f).get("extractor")
-        except (OSError, ValueError, AttributeError) as e:
-            raise UserError(f"{meta}: unreadable metadata ({type(e).__name__}); delete it or recompute the reference") from None
-    return None
-
-
 def score_images(images, ref_path, weights_path=None, random_weights=False, device="cpu", batch=200, kid_subsets=100):
-    """FID and KID of uint8 images (a tensor [N, C, H, W] or an iterable of such batches) against a reference .npz.
-
-    KID uses the first 10,000 images against the reference's kept features; NaN if the file has none (pytorch-fid's own)."""
+    """FID and KID (NaN without reference features) of uint8 images [N, C, H, W] or batches of them."""
     mu_ref, sigma_ref, feats_ref = load_stats(ref_path)
     if mu_ref.shape != (FEATURE_DIM,):
         raise UserError(f"{ref_path}: mu has shape {mu_ref.shape}, expected ({FEATURE_DIM},) (Inception pool3)")
-    model = build_inception(weights_path, random_weights, device)
-    ref_extractor = _reference_extractor(ref_path)
+    model, meta, ref_extractor = build_inception(weights_path, random_weights, device), ref_path[:-4] + ".json", None
+    if ref_path.endswith(".npz") and os.path.isfile(meta):
+        try:
+            with open(meta) as f:
+                ref_extractor = json.load(f).get("extractor")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"{meta}: unreadable metadata ({type(e).__name__}); delete it or recompute the reference") from None
     if ref_extractor is not None and ref_extractor != model.extractor:
         raise UserError(f"{ref_path} was made with {ref_extractor} but scoring uses {model.extractor}: "
-                        f"recompute the reference with the same weights (python tools/fid.py ref ...)")
+                        f"recompute the reference with the same weights (python -m tools.fid ref ...)")
     stats = FeatureStats(max_keep=REF_FEATURES)
-    batches = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images
-    for b in batches:
+    for b in [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images:
         features_of_images(model, b, batch, device, stats)
-    mu, sigma = stats.mu_sigma()
+    fd = frechet_distance(*stats.mu_sigma(), mu_ref, sigma_ref)  # first: it rejects fewer than 2 images
     kid_mean, kid_std = kid(stats.features(), feats_ref, kid_subsets) if feats_ref is not None else (float("nan"), float("nan"))
-    return dict(fid=frechet_distance(mu, sigma, mu_ref, sigma_ref), kid_mean=kid_mean, kid_std=kid_std, count=stats.num,
-                extractor=model.extractor)
+    return dict(fid=fd, kid_mean=kid_mean, kid_std=kid_std, count=stats.num, extractor=model.extractor)
 
 
 def png_paths(folder):
-    """All PNGs under `folder` (recursively), sorted; half-written files end in .tmp-<host>-<pid>, not .png."""
+    """All PNGs under `folder`, sorted (temp files end in .tmp-<host>-<pid>, not .png)."""
     return sorted(os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if n.endswith(".png"))
 
 
@@ -223,25 +181,17 @@ def _png_batches(paths, batch):
 
 
 def score_folder(folder, ref_path, weights_path=None, random_weights=False, device="cpu", batch=200, kid_subsets=100):
-    """score_images on every PNG under `folder` (recursively, sorted)."""
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder}: no such folder")
-    paths = png_paths(folder)
-    if not paths:
-        raise UserError(f"{folder}: no PNG images found (recursively)")
+    if not (paths := png_paths(folder)):
+        raise UserError(f"{folder}: " + ("no PNG images found (recursively)" if os.path.isdir(folder) else "no such folder"))
     return score_images(_png_batches(paths, batch), ref_path, weights_path, random_weights, device, batch, kid_subsets)
 
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 2 and all(a.endswith(".npz") for a in argv):
-        argv = ["compare", *argv]  # the bare form `fid.py A.npz B.npz` that docs/METRICS.md shows
+        argv = ["compare", *argv]  # the bare form `python -m tools.fid A.npz B.npz`
     p = argparse.ArgumentParser(prog="python -m tools.fid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True, title="commands")
-
     ref = commands.add_parser("ref", help="statistics of a config's training split")
     ref.add_argument("--config", required=True, help="the YAML config whose training split is the reference")
     ref.add_argument("--out", required=True, metavar="PATH.npz", help="statistics file to write (plus PATH.json)")
@@ -255,8 +205,8 @@ def main(argv=None):
         q.add_argument("--random-weights", action="store_true", help="random Inception, for tests only")
         q.add_argument("--batch", type=int, default=200, help="images per forward")
     compare = commands.add_parser("compare", help="FID of two statistics files (no network is loaded)")
-    compare.add_argument("a", metavar="A.npz", help="statistics file")
-    compare.add_argument("b", metavar="B.npz", help="statistics file")
+    compare.add_argument("a", metavar="A.npz")
+    compare.add_argument("b", metavar="B.npz")
     args = p.parse_args(argv)
 
     if args.command == "compare":

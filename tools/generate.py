@@ -1,16 +1,9 @@
-"""Generating images from a trained run: one PNG per seed, spread over ranks, then scored (sample.py, the sweeps).
-
-Image k depends only on seed k and the weights (tools/sampler.py SeedNoise), not on the rank count or the
-batch size; so does its class in a conditional run (seed_classes). PNGs are written in the background while
-sampling goes on (tools/sample_writer.py); a folder continues where an interrupted run stopped, from the
-completion records of its writers: the images they list are kept. Guidance wraps the denoiser:
-classifier-free (the same conditional network with the label dropped) or autoguidance by a weaker model
-(Karras et al. 2024, arXiv 2406.02507).
-"""
+"""Sampling a run into a folder of PNGs, one per seed, spread over ranks (resumable), and scoring the folder."""
 
 import json
 import math
 import os
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,15 +19,13 @@ from tools.grid import image_grid, save_picture
 from tools.inception import find_inception_weights, inception_weights_or_none, weights_name
 from tools.log import progress
 from tools.precision import autocast
+from tools.rng import SeedNoise
 from tools.runs import load_net, resolve
 from tools.sample_writer import SampleWriter, done_seeds, image_path
-from tools.sampler import SAMPLER_INFO, GuidedDenoiser, SeedNoise, one_hot, sample, sampler_kwargs, sampler_nfe, seed_classes
+from tools.sampler import GuidedDenoiser, folder_tag, one_hot, sample, sampler_kwargs, sampler_nfe, seed_classes
 
 PREVIEW_IMAGES = 64  # the first seeds' images in <out>.grid.png
 
-
-# ----------------------------------------------------------------------------------------------------
-# Sampling seeds.
 
 def image_shape(cfg):
     n = cfg["network"]
@@ -43,29 +34,15 @@ def image_shape(cfg):
 
 @torch.no_grad()
 def sample_seeds(denoiser, cfg, seeds, device, classes=None, stats=None):
-    """float32 images [len(seeds), C, H, W] in ~[-1, 1], image k from seed k, with the config's sampler in
-    sample.precision; `classes` (one per seed) for a conditional network; `stats` as tools.sampler.sample fills it."""
+    """float32 images [len(seeds), C, H, W], image k from seed k, by the config's sampler in sample.precision."""
     with autocast(device, cfg["sample"]["precision"]):
         return sample(denoiser, SeedNoise(seeds, device), image_shape(cfg), one_hot(classes, cfg["network"]["label_dim"], device),
                       **sampler_kwargs(cfg["sample"]), stats=stats)
 
 
-def sampler_tag(S):
-    """The sampler part of a sample folder's name: the sampler and what sets its path (steps, or dpm_adaptive's
-    tolerance; churn and a non-default eta where they apply), so that different settings never share a folder."""
-    info = SAMPLER_INFO[S["sampler"]]
-    tag = S["sampler"] + (f"-rtol{S['rtol']:g}" if info.nfe_per_step is None else str(S["steps"]))
-    if S["sampler"] in ("heun", "euler") and S["S_churn"] > 0:
-        tag += f"-churn{S['S_churn']:g}"
-    if info.stochastic and S["eta"] != 1:
-        tag += f"-eta{S['eta']:g}"
-    return tag
-
-
 def grid_layout(label_dim, num=PREVIEW_IMAGES):
-    """(class of each grid image or None, images per row) for at most `num` images. Unconditional: 8 per row.
-    Conditional, one row per class where rows fit: 8 rows of 8 cycling through K <= 8 classes, K rows of
-    num // K images for K <= num / 2 (digits, CIFAR-10: 10 rows of 6); more classes: image k is of class k % K."""
+    """(class of each grid image or None, images per row) for at most `num` images: a row per class where rows fit
+    (K <= 8: 8 rows of 8; K <= num / 2: K rows of num // K), else image k of class k % K."""
     if not label_dim:
         return None, 8
     if label_dim > num // 2:
@@ -76,8 +53,7 @@ def grid_layout(label_dim, num=PREVIEW_IMAGES):
 
 
 def training_grid(net, cfg, device, num=PREVIEW_IMAGES, examples=None):
-    """The picture (uint8 [C, H, W]) of net's samples from seeds 0, 1, ...: a row per class for a conditional network;
-    `examples` (uint8 images, e.g. augmented training images) are added as a last row."""
+    """uint8 [C, H, W] picture of net's samples from seeds 0, 1, ..., `examples` (e.g. augmented images) as a last row."""
     was_training = net.training
     classes, cols = grid_layout(cfg["network"]["label_dim"], num)
     count = num if classes is None else len(classes)
@@ -88,32 +64,15 @@ def training_grid(net, cfg, device, num=PREVIEW_IMAGES, examples=None):
     return image_grid(x, nrow=cols)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sample folders.
-
 def read_pngs(out, seeds):
     """uint8 [len(seeds), C, H, W] of the seeds' PNGs."""
     images = torch.from_numpy(np.stack([np.asarray(Image.open(image_path(out, s))) for s in seeds]))
     return images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
 
 
-def write_preview(out, seeds):
-    """<out>.grid.png beside the sample folder (inside it, scorers that search folders recursively would count it)."""
-    shown = [s for s in seeds[:PREVIEW_IMAGES] if os.path.exists(image_path(out, s))]
-    if not shown:
-        return None
-    return save_picture(f"{out}.grid.png", image_grid(read_pngs(out, shown)))
-
-
-def labels_path(out):
-    return f"{out}.labels.json"
-
-
 def check_labels(out, seeds, classes, write=True):
-    """<out>.labels.json, {seed: class} beside the sample folder, extended by these seeds (written when `write`).
-    A seed already on disk with another class stops the run: its PNG would not show the class recorded."""
-    path = labels_path(out)
-    known = {}
+    """Extend <out>.labels.json ({seed: class}) by these seeds; a seed on disk with another class stops the run."""
+    path, known = f"{out}.labels.json", {}
     if os.path.exists(path):
         with open(path) as f:
             known = {int(k): v for k, v in json.load(f).items()}
@@ -126,20 +85,15 @@ def check_labels(out, seeds, classes, write=True):
 
 
 def read_labels(out, seeds):
-    """The requested class of each seed from <out>.labels.json, in the order of `seeds`."""
     try:
-        with open(labels_path(out)) as f:
+        with open(f"{out}.labels.json") as f:
             known = json.load(f)
         return [known[str(s)] for s in seeds]
     except (OSError, ValueError, KeyError):
-        raise UserError(f"{labels_path(out)} is missing or lacks some seeds: sample the seeds again into this --out") from None
+        raise UserError(f"{out}.labels.json is missing or lacks some seeds: sample the seeds again into this --out") from None
 
-
-# ----------------------------------------------------------------------------------------------------
-# Generation.
 
 def check_conditioning(cfg, class_index, guidance, guide, guide_ema):
-    """One-line errors for --class and --guidance flags that do not fit the run."""
     K = cfg["network"]["label_dim"]
     if class_index is not None and not K:
         raise UserError("--class needs a class-conditional run (network.label_dim > 0); this run is unconditional")
@@ -154,18 +108,10 @@ def check_conditioning(cfg, class_index, guidance, guide, guide_ema):
         raise UserError("--guide-ema needs --guide RUN[:EPOCH]")
 
 
-def split_run_spec(spec):
-    """'RUN[:EPOCH]' -> (RUN, EPOCH or None)."""
-    run_dir, _, epoch = spec.rpartition(":")
-    if not run_dir or not epoch.isdigit():  # no :EPOCH suffix
-        return spec, None
-    return run_dir, int(epoch)
-
-
 def load_guide(cfg, spec, ema, device):
-    """The autoguidance guide RUN[:EPOCH] as a Denoiser, loaded like the main network with the guide run's own
-    config.yaml. Returns (denoiser, the labels it takes: 'same' or 'none' for an unconditional guide, run fields)."""
-    run_dir, epoch = split_run_spec(spec)
+    """(Denoiser of RUN[:EPOCH] with its own config, the labels it takes: 'same' | 'none', run fields)."""
+    run_dir, _, epoch = spec.rpartition(":")
+    run_dir, epoch = (run_dir, int(epoch)) if run_dir and epoch.isdigit() else (spec, None)
     try:
         guide_cfg, guide_dir = resolve(None, run_dir)
         ema = ema or guide_cfg["sample"]["ema"]
@@ -173,10 +119,9 @@ def load_guide(cfg, spec, ema, device):
     except UserError as e:
         raise UserError(f"--guide {spec}: {e}") from None
     n, g = cfg["network"], guide_cfg["network"]
-    if guide_cfg["data"]["dataset"] != cfg["data"]["dataset"] or (g["img_channels"], g["img_resolution"]) != (n["img_channels"], n["img_resolution"]):
-        raise UserError(f"--guide {spec}: the guide must model the same data ({cfg['data']['dataset']}, {n['img_channels']}x"
-                        f"{n['img_resolution']}x{n['img_resolution']}), not {guide_cfg['data']['dataset']} at {g['img_channels']}x"
-                        f"{g['img_resolution']}x{g['img_resolution']}")
+    data, guide_data = (f"{c['data']['dataset']} at {'x'.join(map(str, image_shape(c)))}" for c in (cfg, guide_cfg))
+    if data != guide_data:
+        raise UserError(f"--guide {spec}: the guide must model the same data ({data}), not {guide_data}")
     if g["label_dim"] not in (0, n["label_dim"]):
         raise UserError(f"--guide {spec}: its network.label_dim={g['label_dim']} does not match this run's {n['label_dim']}; "
                         f"the guide must be unconditional or know the same classes")
@@ -204,8 +149,7 @@ def guided(cfg, denoiser, guidance, guide, guide_ema, device, compile=False):
 
 
 def measured_nfe(out, evaluations, images):
-    """The mean network evaluations per image of a folder whose sampler chooses its own steps: <out>.nfe.json holds
-    the sums of every run that sampled into it, this one's added. None if no image was ever counted."""
+    """Mean evaluations per image of an adaptive sampler's folder, summed in <out>.nfe.json over every run into it."""
     path = f"{out}.nfe.json"
     total = {"evaluations": 0.0, "images": 0}
     if os.path.exists(path):
@@ -217,37 +161,47 @@ def measured_nfe(out, evaluations, images):
     return total["evaluations"] / total["images"] if total["images"] else None
 
 
-def generate(cfg, outdir, seeds, device, epoch=None, out=None, class_index=None, guidance=1.0, guide=None, guide_ema=None,
-             compile=False):
-    """Sample the seeds not yet on disk with the run's network (weights sample.ema, sampler and schedule of the
-    sample section), spread over the ranks; rank 0 then writes the preview grid. Collective under torchrun.
-    Returns (sample folder, description of the weights and sampler for the result rows)."""
-    rank, world, S = dist.rank(), dist.world_size(), cfg["sample"]
-    check_conditioning(cfg, class_index, guidance, guide, guide_ema)
-    net, info = load_net(cfg, outdir, epoch, S["ema"], device)
+Guidance = namedtuple("Guidance", "weight guide guide_ema", defaults=(1.0, None, None))  # --guidance, --guide, --guide-ema
+
+
+def generate(cfg, outdir, seeds, device, epoch=None, out=None, class_index=None, guidance=Guidance(), compile=False):
+    """Sample the seeds not yet on disk (collective under torchrun). Returns (sample folder, its fields in result rows)."""
+    check_conditioning(cfg, class_index, *guidance)
+    net, info = load_net(cfg, outdir, epoch, cfg["sample"]["ema"], device)
     if compile:
         net.compile()
-    denoiser, guide_tag, guide_run = guided(cfg, Denoiser(net, cfg["diffusion"]["sigma_data"]), guidance, guide, guide_ema,
-                                            device, compile)
-    K = cfg["network"]["label_dim"]
-    tag = f"epoch_{info['epoch']}-{S['ema'].replace('=', '')}-{sampler_tag(S)}-{S['precision']}"  # all that sets the pixels
-    tag += ("" if class_index is None else f"-class{class_index}") + guide_tag
-    out = os.path.normpath(out or os.path.join(outdir, "samples", tag))
+    denoiser, guide_tag, guide_run = guided(cfg, Denoiser(net, cfg["diffusion"]["sigma_data"]), *guidance, device, compile)
+    sampling, K = cfg["sample"], cfg["network"]["label_dim"]
+    tag = f"epoch_{info['epoch']}-{sampling['ema'].replace('=', '')}-{folder_tag(sampling)}-{sampling['precision']}"  # all that sets the pixels
+    out = os.path.normpath(out or os.path.join(outdir, "samples", tag + ("" if class_index is None else f"-class{class_index}") + guide_tag))
     if K:
-        check_labels(out, seeds, seed_classes(seeds, K, class_index), write=rank == 0)
+        check_labels(out, seeds, seed_classes(seeds, K, class_index), write=dist.rank() == 0)
+    what = "" if not K else (f", class {class_index}" if class_index is not None else f", classes seed mod {K}")
+    what += "" if guidance.weight == 1 else f", {'autoguidance' if guidance.guide else 'classifier-free guidance'} {guidance.weight:g}"
+    evaluations = write_samples(denoiser, cfg, out, seeds, device, lambda batch: seed_classes(batch, K, class_index),
+                                f"{sampling['sampler']}, {sampling['steps']} steps, {sampling['ema']} weights, epoch {info['epoch']}{what}")
+    nfe = sampler_nfe(sampling["sampler"], sampling["steps"])
+    if nfe is None:  # dpm_adaptive: the mean of what each image took, kept beside the folder across resumed runs
+        nfe = dist.on_rank0(measured_nfe, out, *evaluations)
+    run = dict(epoch=info["epoch"], kimg=info["t_img"] / 1000, ema=sampling["ema"], sampler=sampling["sampler"], steps=sampling["steps"], nfe=nfe,
+               samples=out, guidance=guidance.weight, **guide_run)
+    if K:
+        run["classes"] = "mix" if class_index is None else class_index
+    return out, run
+
+
+def write_samples(denoiser, cfg, out, seeds, device, classes_of, what):
+    """The PNGs of the seeds not yet in `out`, seed k on rank k mod world. Returns (evaluations, images) over all ranks."""
+    rank, world, batch_size = dist.rank(), dist.world_size(), cfg["sample"]["batch"]
     done = done_seeds(out, seeds)
     todo = [s for s in seeds[rank::world] if s not in done]
-    if rank == 0:
-        what = "" if not K else (f", class {class_index}" if class_index is not None else f", classes seed mod {K}")
-        what += "" if guidance == 1 else f", {'autoguidance' if guide else 'classifier-free guidance'} {guidance:g}"
-        print(f"sampling {len(seeds)} images ({S['sampler']}, {S['steps']} steps, {S['ema']} weights, epoch {info['epoch']}{what}) "
-              f"into {out}; {len(seeds) - len(done)} to go", flush=True)
-    bar = progress(-(-len(todo) // S["batch"]), desc="sampling", unit="batch", enabled=rank == 0)
+    dist.print0(f"sampling {len(seeds)} images ({what}) into {out}; {len(seeds) - len(done)} to go")
+    bar = progress(-(-len(todo) // batch_size), desc="sampling", unit="batch", enabled=rank == 0)
     evaluations = torch.zeros(2, dtype=torch.float64, device=device)  # network evaluations per image: sum, images
     with SampleWriter(out) as writer:
-        for i in range(0, len(todo), S["batch"]):
-            batch, stats = todo[i:i + S["batch"]], {}
-            x = sample_seeds(denoiser, cfg, batch, device, seed_classes(batch, K, class_index), stats)
+        for i in range(0, len(todo), batch_size):
+            batch, stats = todo[i:i + batch_size], {}
+            x = sample_seeds(denoiser, cfg, batch, device, classes_of(batch), stats)
             for seed, img in zip(batch, to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()):
                 writer.write(seed, img)
             evaluations += torch.stack([stats["image_nfe"].sum().to(evaluations), evaluations.new_tensor(len(batch))])
@@ -255,26 +209,16 @@ def generate(cfg, outdir, seeds, device, epoch=None, out=None, class_index=None,
     bar.close()
     dist.all_reduce_sum(evaluations)
     dist.barrier()
-    if rank == 0:
-        preview = write_preview(out, seeds)
+    if rank == 0:  # the preview goes beside the folder: inside, a recursive scorer would count it
+        shown = [s for s in seeds[:PREVIEW_IMAGES] if os.path.exists(image_path(out, s))]
+        preview = shown and save_picture(f"{out}.grid.png", image_grid(read_pngs(out, shown)))
         print(f"samples: {out}" + (f"\ngrid: {preview}" if preview else ""), flush=True)
-    nfe = sampler_nfe(S["sampler"], S["steps"])
-    if nfe is None:  # dpm_adaptive: the mean of what each image took, kept beside the folder across resumed runs
-        nfe = dist.on_rank0(measured_nfe, out, *evaluations.tolist())
-    run = dict(epoch=info["epoch"], kimg=info["t_img"] / 1000, ema=S["ema"], sampler=S["sampler"], steps=S["steps"], nfe=nfe,
-               samples=out, guidance=guidance, **guide_run)
-    if K:
-        run["classes"] = "mix" if class_index is None else class_index
-    return out, run
+    return evaluations.tolist()
 
-
-# ----------------------------------------------------------------------------------------------------
-# Scoring.
 
 @dataclass
 class Scoring:
-    """What to measure of a sample folder: --score (quality metrics, mean +- std over `blocks` seed blocks, with the
-    dataset classifier's or Inception's features) and --fid (Inception FID/KID against REF.npz or 'auto')."""
+    """--score (quality metrics over `blocks` seed blocks) and --fid (Inception FID/KID against REF.npz or 'auto')."""
     quality: bool = False
     blocks: int = 4
     features: str = None                # classifier | inception; None = the dataset's default
@@ -288,12 +232,9 @@ class Scoring:
         return bool(self.fid) or (self.quality and self.extractor(cfg) == "inception")
 
     def check(self, cfg, seeds):
-        """One-line errors before any sampling: too few seeds for the blocks, a weights file that does not load, a
-        missing reference."""
+        """One-line errors before any sampling."""
         if self.blocks < 2:
             raise UserError(f"--score-blocks must be >= 2 (the spread of a metric needs two blocks), got {self.blocks}")
-        if self.features is not None and self.features not in quality.EXTRACTORS:
-            raise UserError(f"--metric-features must be one of {', '.join(quality.EXTRACTORS)}, got {self.features!r}")
         if self.quality and len(seeds) < 10 * self.blocks:  # quality.Scorer.score: blocks of >= 10 images
             raise UserError(f"--score needs at least {10 * self.blocks} seeds ({self.blocks} blocks of 10), got {len(seeds)}")
         if self.needs_inception(cfg):
@@ -301,19 +242,11 @@ class Scoring:
             if local is not None:
                 weights_name(local)  # and so does a file that does not load (none here: rank 0 downloads it later)
         if self.fid and self.fid != "auto" and not os.path.isfile(self.fid):
-            raise UserError(f"--fid {self.fid}: no such statistics file (make one with: python -m tools.fid ref --config ... "
-                            f"--out {self.fid})")
-
-
-def append_metrics(outdir, row):
-    """One JSON line in OUTDIR/metrics.jsonl; a full disk ends in one line and leaves no half line."""
-    append_text(os.path.join(outdir, "metrics.jsonl"), json.dumps(row) + "\n")
+            raise UserError(f"--fid {self.fid}: no such statistics file (make one: python -m tools.fid ref --config ... --out {self.fid})")
 
 
 def score(cfg, outdir, out, seeds, run, device, scoring):
-    """Score the sample folder `out` as `scoring` asks; results beside it (<out>.quality.json, <out>.fid.json) and in
-    OUTDIR/metrics.jsonl. Collective under torchrun: the Inception weights (found or downloaded by rank 0) and the
-    training split's reference statistics (computed once, spread over the ranks); then rank 0 scores alone."""
+    """Score `out` into <out>.quality.json, <out>.fid.json and metrics.jsonl; collective, then rank 0 scores alone."""
     weights = ref = None
     extractor = scoring.extractor(cfg)
     if scoring.needs_inception(cfg):
@@ -323,21 +256,21 @@ def score(cfg, outdir, out, seeds, run, device, scoring):
     if dist.rank() != 0:
         return
     if scoring.quality and (extractor == "classifier" or weights is not None):
-        classes = read_labels(out, seeds) if cfg["network"]["label_dim"] else None  # a conditional run: the requested classes
+        classes = read_labels(out, seeds) if cfg["network"]["label_dim"] else None
         result = quality.score_samples(cfg, read_pngs(out, seeds), extractor, device, blocks=scoring.blocks,
                                        pairs_path=f"{out}.nearest_pairs.png", inception_weights=weights, inception_ref=ref,
                                        classes=classes)
         result.update(run, kind="quality")
         write_json(f"{out}.quality.json", result)
-        append_metrics(outdir, result)
+        append_text(os.path.join(outdir, "metrics.jsonl"), json.dumps(result) + "\n")
         print(f"quality ({extractor}): {quality.format_line(result)}", flush=True)
         if "classifier_test_accuracy" in result:
             print(f"  dataset classifier test accuracy {100 * result['classifier_test_accuracy']:.2f}%; "
                   f"nearest training images: {result['nearest_pairs']}", flush=True)
     if scoring.fid and weights is not None:
-        result = fid.score_folder(out, ref if scoring.fid == "auto" else scoring.fid, weights_path=weights, device=device)
-        result.update(run, reference=ref if scoring.fid == "auto" else scoring.fid)
+        reference = ref if scoring.fid == "auto" else scoring.fid
+        result = fid.score_folder(out, reference, weights_path=weights, device=device)
+        result.update(run, reference=reference)
         write_json(f"{out}.fid.json", result)
-        append_metrics(outdir, result)
-        print(f"fid: {result['fid']:.4f}  kid: {result['kid_mean']:.5f} +- {result['kid_std']:.5f}  ({result['count']} images)",
-              flush=True)
+        append_text(os.path.join(outdir, "metrics.jsonl"), json.dumps(result) + "\n")
+        print(f"fid: {result['fid']:.4f}  kid: {result['kid_mean']:.5f} +- {result['kid_std']:.5f}  ({result['count']} images)", flush=True)

@@ -1,9 +1,4 @@
-"""The linear probe's classifier (probe.py) and its result files.
-
-Multinomial logistic regression on standardised features; the L2 strength C is chosen on a held-out part
-of the training split, then the classifier is refitted on the whole training split and scored once on the
-test split, which therefore never influences a choice.
-"""
+"""The linear probe's classifier and its result files (docs/PROBE.md)."""
 
 import json
 import math
@@ -12,50 +7,42 @@ import warnings
 
 import torch
 from threadpoolctl import threadpool_limits
-from torch.utils.tensorboard import SummaryWriter
 
 from tools.checkpoint import numbered_files, write_json
 from tools.data import to_float
 from tools.plots import pyplot, save_figure
 
 CLASSIFIERS = ("sklearn", "torch")
-HOLDOUT_SEED = 0  # fixed permutation of the training split that picks the held-out images
+HOLDOUT_SEED = 0  # of the permutation that picks the held-out images
 
-
-# ----------------------------------------------------------------------------------------------------
-# Classifier: multinomial logistic regression, sum_i CE_i + ||W||^2 / (2 C) (scikit-learn's objective).
 
 class LinearProbe:
-    """Standardisation (statistics of the fitting set) followed by a linear classifier."""
+    """Standardised features, then logistic regression minimising sum_i CE_i + ||W||^2 / (2 C) (as scikit-learn)."""
 
     def __init__(self, X, y, C, method, num_classes, device, init=None):
-        self.mean = X.mean(0)
-        self.std = X.std(0).clamp_min(1e-6)  # dead channels stay 0 after centring
+        self.mean, self.std = X.mean(0), X.std(0).clamp_min(1e-6)  # dead channels stay 0 after centring
         Z = (X - self.mean) / self.std
-        if method == "sklearn":
-            from sklearn.exceptions import ConvergenceWarning  # lazy: scikit-learn costs seconds to import, torch fits need none
-            from sklearn.linear_model import LogisticRegression  # lazy: as above
-            # Multi-threaded BLAS slows small problems down ~10x (digits: 0.2 s -> 4 s per fit on 2 cores).
-            threads = 1 if Z.numel() < 2 ** 22 else None
-            with warnings.catch_warnings(), threadpool_limits(threads):
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                clf = LogisticRegression(C=C, max_iter=1000).fit(Z.numpy(), y.numpy())
-            coef, intercept = torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float()
-            if len(clf.classes_) == 2:  # one logit z for two classes: softmax logits -z/2, z/2
-                coef, intercept = torch.cat([-coef, coef]) / 2, torch.cat([-intercept, intercept]) / 2
-            self.W = torch.zeros(X.shape[1], num_classes)
-            self.b = torch.full((num_classes,), -math.inf)  # classes absent from the fitting set are never predicted
-            self.W[:, clf.classes_], self.b[clf.classes_] = coef.T, intercept
-        else:
+        if method == "torch":
             self.W, self.b = self._fit_torch(Z.to(device), y.to(device), C, num_classes, init)
+            return
+        from sklearn.exceptions import ConvergenceWarning  # lazy: seconds of start-up
+        from sklearn.linear_model import LogisticRegression  # lazy: as above
+        threads = 1 if Z.numel() < 2 ** 22 else None  # multi-threaded BLAS slows small problems ~10x
+        with warnings.catch_warnings(), threadpool_limits(threads):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = LogisticRegression(C=C, max_iter=1000).fit(Z.numpy(), y.numpy())
+        coef, intercept = torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float()
+        if len(clf.classes_) == 2:  # one logit z for two classes: softmax logits -z/2, z/2
+            coef, intercept = torch.cat([-coef, coef]) / 2, torch.cat([-intercept, intercept]) / 2
+        self.W = torch.zeros(X.shape[1], num_classes)
+        self.b = torch.full((num_classes,), -math.inf)  # classes absent from the fitting set are never predicted
+        self.W[:, clf.classes_], self.b[clf.classes_] = coef.T, intercept
 
     @staticmethod
     def _fit_torch(Z, y, C, num_classes, init):
-        """The same objective, divided by N, minimised by full-batch L-BFGS on Z's device."""
-        W = torch.zeros(Z.shape[1], num_classes, device=Z.device) if init is None else init[0].clone().to(Z.device)
-        b = torch.zeros(num_classes, device=Z.device) if init is None else init[1].clone().to(Z.device)
-        W.requires_grad_(True)
-        b.requires_grad_(True)
+        """The same objective divided by N, by full-batch L-BFGS on Z's device."""
+        W = (torch.zeros(Z.shape[1], num_classes, device=Z.device) if init is None else init[0].clone().to(Z.device)).requires_grad_()
+        b = (torch.zeros(num_classes, device=Z.device) if init is None else init[1].clone().to(Z.device)).requires_grad_()
         opt = torch.optim.LBFGS([W, b], lr=1, max_iter=1000, history_size=20, tolerance_grad=1e-5,
                                 tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
@@ -68,56 +55,41 @@ class LinearProbe:
             opt.step(closure)
         return W.detach().cpu(), b.detach().cpu()
 
-    def predict(self, X):
-        Z = (X - self.mean) / self.std
-        return (Z @ self.W + self.b).argmax(1)
-
     def accuracy(self, X, y):
-        return (self.predict(X) == y).to(torch.float64).mean().item()
+        return (((X - self.mean) / self.std @ self.W + self.b).argmax(1) == y).to(torch.float64).mean().item()
 
 
-def fit_probe(train, train_flip, labels, p, num_classes, device):
-    """Choose C on the held-out part of the training split, then refit on the whole training split.
-    Takes the training split only (features, x-flipped features or None, labels): the test split cannot
-    influence anything chosen here. Returns (probe, selection report)."""
-    n = len(labels)
+def probe_cell(feats, labels, p, num_classes, device):
+    """C chosen on held-out training images, a refit on the whole training split, then the test split scored once."""
+    train, train_flip, test = feats["train", False], feats.get(("train", True)), feats["test", False]
+    y = labels["train"]
+    n = len(y)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
     num_holdout = round(p["holdout"] * n)
     held, fit = perm[:num_holdout], perm[num_holdout:]
 
     def fitting_set(idx):
         if train_flip is None:
-            return train[idx], labels[idx]
-        return torch.cat([train[idx], train_flip[idx]]), torch.cat([labels[idx], labels[idx]])
+            return train[idx], y[idx]
+        return torch.cat([train[idx], train_flip[idx]]), torch.cat([y[idx], y[idx]])
 
-    holdout_pct, fitted = {}, {}
+    holdout_pct, fitted, best_C, init = {}, {}, p["C_grid"][0], None
     if num_holdout > 0 and len(p["C_grid"]) > 1:
-        init = None
-        for C in sorted(p["C_grid"]):  # strongest regularisation first; the torch fits start from the previous one
+        for C in sorted(p["C_grid"]):  # strongest regularisation first, each fit from the last
             fitted[C] = LinearProbe(*fitting_set(fit), C, p["classifier"], num_classes, device, init)
-            holdout_pct[C] = round(100 * fitted[C].accuracy(train[held], labels[held]), 3)
+            holdout_pct[C] = round(100 * fitted[C].accuracy(train[held], y[held]), 3)
             init = (fitted[C].W, fitted[C].b)
         best_C = max(holdout_pct, key=holdout_pct.get)  # ties: the stronger regularisation
-    else:
-        best_C = p["C_grid"][0]
-    init = (fitted[best_C].W, fitted[best_C].b) if best_C in fitted else None
+        init = (fitted[best_C].W, fitted[best_C].b)
     probe = LinearProbe(*fitting_set(torch.arange(n)), best_C, p["classifier"], num_classes, device, init)
-    return probe, dict(C=best_C, holdout_accuracy_pct=holdout_pct.get(best_C),
-                       holdout_accuracy_pct_by_C={f"{C:g}": v for C, v in holdout_pct.items()})
-
-
-def probe_cell(feats, labels, p, num_classes, device):
-    """Fit on the training features, then score the test features once."""
-    probe, report = fit_probe(feats["train", False], feats.get(("train", True)), labels["train"], p, num_classes, device)
-    return dict(test_accuracy_pct=round(100 * probe.accuracy(feats["test", False], labels["test"]), 3),
-                feature_dim=feats["train", False].shape[1], **report)
+    return dict(test_accuracy_pct=round(100 * probe.accuracy(test, labels["test"]), 3), feature_dim=train.shape[1], C=best_C,
+                holdout_accuracy_pct=holdout_pct.get(best_C), holdout_accuracy_pct_by_C={f"{C:g}": v for C, v in holdout_pct.items()})
 
 
 def pixels_baseline(outdir, p, images, labels, num_classes, device):
-    """The same protocol on raw pixels in [-1, 1]; independent of the checkpoint, so cached per run directory."""
+    """The same protocol on raw pixels in [-1, 1], cached per run directory in probe/pixels.json."""
     path = os.path.join(outdir, "probe", "pixels.json")
-    key = f"{p['classifier']}/holdout={p['holdout']:g}/C_grid={','.join(f'{c:g}' for c in p['C_grid'])}" + \
-          ("/xflip" if p["xflip"] else "")
+    key = f"{p['classifier']}/holdout={p['holdout']:g}/C_grid={','.join(f'{c:g}' for c in p['C_grid'])}" + ("/xflip" if p["xflip"] else "")
     results = read_json(path)
     if key not in results or results[key].get("num_train") != len(labels["train"]):
         feats = {("train", False): to_float(images["train"]).flatten(1), ("test", False): to_float(images["test"]).flatten(1)}
@@ -128,11 +100,8 @@ def pixels_baseline(outdir, p, images, labels, num_classes, device):
     return results[key]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Outputs.
-
 def read_probe_results(outdir):
-    """Every probe result of a run (the rows of its checkpoints/epoch_<N>.probe.json files)."""
+    """Every probe result of a run: the rows of its checkpoints/epoch_<N>.probe.json files."""
     rows = []
     for _, path in numbered_files(os.path.join(outdir, "checkpoints"), "epoch_", ".probe.json"):
         rows += list(read_json(path).values())
@@ -147,17 +116,8 @@ def read_json(path):
         return {}
 
 
-def result_key(block, sigma, ema, p):
-    return f"{block}@sigma={sigma:.6g}/{ema}/{p['classifier']}" + ("/xflip" if p["xflip"] else "")
-
-
-def tensorboard_scalar(outdir, tag, value, t_img):
-    with SummaryWriter(os.path.join(outdir, "tensorboard")) as writer:
-        writer.add_scalar(tag, value, t_img)
-
-
 def save_heatmap(path, table, blocks, sigmas, best):
-    """Held-out accuracy (what selects) and test accuracy per block x sigma, best cell outlined."""
+    """Held-out accuracy (what selects) and test accuracy per block x sigma, the best cell outlined."""
     plt = pyplot()
     cell = {(c["block"], c["sigma"]): c for c in table}
     fig, axes = plt.subplots(1, 2, figsize=(2.5 + 1.1 * len(sigmas) * 2, 1.2 + 0.28 * len(blocks)), squeeze=False)

@@ -1,11 +1,6 @@
-"""Terminal output that also reads well in a cluster's log file.
+"""Terminal output that also reads well in a cluster's log file, copied into OUTDIR/log.txt."""
 
-- progress(): a tqdm bar on a terminal; elsewhere (a batch job's stdout is a file) one plain line every
-  `every_s` seconds and at the end, never carriage returns.
-- to_run_log(outdir): from then on, this process's stdout and stderr are also appended to OUTDIR/log.txt,
-  after a header with the time, host and command.
-"""
-
+import contextlib
 import os
 import socket
 import sys
@@ -15,12 +10,9 @@ from tqdm import tqdm
 
 
 class _Tee:
-    """A text stream that writes to a console stream and to a log file.
+    """Writes to a console stream and to a log file; a log that fails is given up with one warning."""
 
-    If the log file cannot be written (a full disk), the log is given up with one warning on the console
-    and the console output goes on: a run never stops because of its log."""
-
-    failed_logs = set()  # ids of log files given up; stdout's and stderr's tees share one log, warned about once
+    failed_logs = set()  # ids: stdout's and stderr's tees share one log
 
     def __init__(self, stream, log):
         self.stream, self.log = stream, log
@@ -46,18 +38,10 @@ class _Tee:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
                 self.stream.write(f"warning: cannot write {getattr(log, 'name', 'the log file')} ({reason}); "
                                   f"output continues on the console only\n")
-                try:
-                    log.close()  # drops what is still buffered, so that closing at exit does not fail again
-                except Exception:
-                    pass
+                with contextlib.suppress(Exception):
+                    log.close()  # drops the buffer: closing at exit does not fail again
 
-    def isatty(self):
-        return self.stream.isatty()
-
-    def fileno(self):
-        return self.stream.fileno()
-
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
         return getattr(self.stream, name)
 
 
@@ -65,7 +49,7 @@ _logs = {}  # path -> open file, so that nested entry points (ema_sweep -> sampl
 
 
 def to_run_log(outdir):
-    """Append this process's stdout and stderr to OUTDIR/log.txt as well (call on rank 0 only)."""
+    """Append this process's stdout and stderr to OUTDIR/log.txt too, after a header line (call on rank 0 only)."""
     path = os.path.abspath(os.path.join(outdir, "log.txt"))
     if path in _logs:
         return path
@@ -77,14 +61,8 @@ def to_run_log(outdir):
     return path
 
 
-def interactive():
-    """True when stderr is a terminal (tqdm bars), False in batch jobs and pipes (plain lines)."""
-    stream = sys.stderr.stream if isinstance(sys.stderr, _Tee) else sys.stderr
-    return stream.isatty()
-
-
 class _Plain:
-    """tqdm's interface (update, set_postfix, close) printing one line per `every_s` seconds."""
+    """tqdm's interface (update, set_postfix, close) printing one line per `every_s` seconds and at the end."""
 
     def __init__(self, total, initial, desc, unit, every_s):
         self.total, self.n, self.desc, self.unit, self.every_s = total, initial, desc, unit, every_s
@@ -96,39 +74,24 @@ class _Plain:
         now = time.time()
         if now - self.last >= self.every_s or self.n >= self.total:
             self.last = now
-            self._line(now)
+            rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 * 30 else "?"
+            units = self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.desc} {self.n}/{self.total} {units} "
+                  f"({100 * self.n / max(self.total, 1):.1f}%), {rate:.3g} {self.unit}/s, eta {eta_text}"
+                  + (f", {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
 
     def set_postfix(self, refresh=False, **values):
         self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
-
-    def _line(self, now):
-        rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
-        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 * 30 else "?"
-        units = self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.desc} {self.n}/{self.total} {units} "
-              f"({100 * self.n / max(self.total, 1):.1f}%), {rate:.3g} {self.unit}/s, eta {eta_text}"
-              + (f", {self.postfix}" if self.postfix else ""), file=sys.stderr, flush=True)
-
-    def close(self):
-        pass
-
-
-class _Silent:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, refresh=False, **values):
-        pass
 
     def close(self):
         pass
 
 
 def progress(total, initial=0, desc="", unit="step", enabled=True, every_s=60.0):
-    """A progress display for `total` units: tqdm on a terminal (not copied into log.txt), plain lines otherwise."""
-    if not enabled:
-        return _Silent()
-    if interactive():
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.__stderr__)
+    """A progress display: tqdm on a terminal (not copied into log.txt), plain lines otherwise, nothing if not enabled."""
+    stderr = sys.stderr.stream if isinstance(sys.stderr, _Tee) else sys.stderr
+    if not enabled or stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.__stderr__, disable=not enabled)
     return _Plain(total, initial, desc, unit, every_s)

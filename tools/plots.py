@@ -4,14 +4,13 @@ from tools.checkpoint import atomic_write
 
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib.pyplot as plt  # lazy: matplotlib costs seconds to import, and only the plotting tools draw
+    import matplotlib.pyplot as plt  # lazy: seconds of start-up that only the plotting tools need
     plt.switch_backend("Agg")
     return plt
 
 
 def save_figure(fig, path, dpi=100):
-    """Write a figure as PNG, atomically (a full disk: one line, the previous file intact), and close it."""
+    """Write a figure as PNG, atomically, and close it. Returns `path`."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     pyplot().close(fig)
     return path

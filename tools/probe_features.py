@@ -1,9 +1,4 @@
-"""Features of a frozen network for the linear probe (probe.py): block names, noise levels, extraction
-with forward hooks, and the cache under OUTDIR/probe/features/.
-
-Image i of a split draws its noise from its own seed (i + SEED_STRIDE * stream), so the features do not
-depend on the batch size or the number of ranks.
-"""
+"""Features of a frozen network for the linear probe (probe.py): block names, noise levels, extraction, the cache."""
 
 import os
 import sys
@@ -19,25 +14,23 @@ from tools.data import to_float
 from tools.edm import Denoiser
 from tools.precision import autocast
 from tools.runs import load_net
+from tools.rng import PROBE, image_normals
 from tools.sampler import edm_sigmas
 
-SEED_STRIDE = 10_000_000  # seed of image i = i + SEED_STRIDE * stream; datasets stay far below 10M images
-STREAMS = {("train", False): 0, ("train", True): 1, ("test", False): 2}  # (split, x-flipped) -> seed stream
-CACHE_VERSION = 1  # bump when the meaning of a cached feature file changes
+STREAMS = {("train", False): 0, ("train", True): 1, ("test", False): 2}  # (split, x-flipped) -> noise stream
+CACHE_VERSION = 2  # bump when the meaning of a cached feature file changes
 
 
 def log(*args):
-    """Progress goes to stderr (rank 0), so that stdout starts with the result."""
+    """Progress to stderr (rank 0), so that stdout starts with the result."""
     if dist.rank() == 0:
         print(*args, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------
 # Blocks and noise levels.
 
 def list_blocks(cfg):
-    """[(name, channels, resolution)] of every encoder and decoder block in forward order, named
-    'enc.<key>' / 'dec.<key>' after the UNet's ModuleDicts (e.g. dec.8x8_block1). Built on the meta device."""
+    """[(name, channels, resolution)] of every block in forward order, e.g. dec.8x8_block1 (built on the meta device)."""
     n = cfg["network"]
     with torch.device("meta"):
         net = build_network(cfg).eval()
@@ -54,25 +47,16 @@ def named_blocks(net):
 
 
 def default_block(blocks):
-    """The DDAE reference position: the second decoder block at the second-lowest resolution
-    (dec.8x8_block1 for a 32x32 network with levels 32/16/8/4)."""
+    """The DDAE reference position: the second decoder block at the second-lowest resolution (dec.8x8_block1 at 32x32)."""
     resolutions = sorted({res for _, _, res in blocks})
-    if len(resolutions) < 2 or f"dec.{resolutions[1]}x{resolutions[1]}_block1" not in {b[0] for b in blocks}:
+    name = f"dec.{resolutions[1]}x{resolutions[1]}_block1" if len(resolutions) > 1 else None
+    if name not in {b[0] for b in blocks}:
         raise UserError("this network has no second-lowest-resolution decoder block1; set probe.block (see --list-blocks)")
-    return f"dec.{resolutions[1]}x{resolutions[1]}_block1"
-
-
-def check_block(name, blocks):
-    names = [b[0] for b in blocks]
-    if name not in names:
-        hint = f" (did you mean dec.{name}?)" if f"dec.{name}" in names else ""
-        raise UserError(f"unknown block {name!r}{hint}; the blocks of this network: {', '.join(names)} (see --list-blocks)")
     return name
 
 
 def sigma_of_t(cfg, t):
-    """Noise level at index t of the reversed sampling schedule [0, sigma_min, ..., sigma_max] of the
-    config's sampler (sample.steps, sigma_min, sigma_max, rho); DDAE's t = 4 is sigma = 0.0599 with 18 steps."""
+    """Noise level at index t of the reversed sampling schedule [0, sigma_min, ..., sigma_max] (DDAE's t = 4: 0.0599)."""
     s = cfg["sample"]
     schedule = edm_sigmas(s["steps"], s["sigma_min"], s["sigma_max"], s["rho"]).flip(0).tolist()
     if not 1 <= t < len(schedule):
@@ -80,32 +64,25 @@ def sigma_of_t(cfg, t):
     return schedule[t]
 
 
-# ----------------------------------------------------------------------------------------------------
 # Feature extraction.
 
 class _StopForward(Exception):
     """Raised by the hook of the last block needed: the rest of the network does not run."""
 
 
-def image_noise(seeds, shape):
-    """Unit Gaussian noise [len(seeds), *shape], image k drawn from a CPU generator seeded with seeds[k]
-    (the same numbers on any device, batch size or rank split)."""
-    g = torch.Generator()
-    return torch.stack([torch.randn(shape, generator=g.manual_seed(int(s))) for s in seeds])
+def image_noise(stream, ids, shape, device="cpu"):
+    """The noise [len(ids), *shape] of images `ids` of a stream (STREAMS), image i's own."""
+    return image_normals((PROBE, stream), ids, shape, device)
 
 
 @torch.no_grad()
-def extract_features(net, sigma_data, images, sigma, blocks, seeds, batch, flip=False, precision="fp32"):
-    """{block: float32 [N, C]}: pooled activations of `blocks` for images (uint8 [N, C, H, W] on the
-    network's device) + sigma * noise, flipped horizontally first if `flip`, in `precision` (tools/precision.py).
-    Under torchrun each rank runs the images rank, rank + world, ... and the rows are gathered back into index
-    order on every rank."""
+def extract_features(net, sigma_data, images, sigma, blocks, stream, batch, flip=False, precision="fp32"):
+    """{block: float32 [N, C]}: pooled activations of `blocks` for images (uint8 [N, C, H, W] on the network's
+    device), flipped if `flip`, + sigma * noise. Rank r runs images r, r + world, ...; every rank gets all rows."""
     device = next(net.parameters()).device
-    rank, world = dist.rank(), dist.world_size()
-    mine = torch.arange(rank, len(images), world)
-    forward_order = [name for name, _ in named_blocks(net)]
-    last = max(blocks, key=forward_order.index)
+    mine = torch.arange(dist.rank(), len(images), dist.world_size())
     modules = dict(named_blocks(net))
+    last = max(blocks, key=list(modules).index)
     label_dim = getattr(net, "label_dim", 0)
     pooled = {}
 
@@ -123,13 +100,13 @@ def extract_features(net, sigma_data, images, sigma, blocks, seeds, batch, flip=
         for start in range(0, len(mine), batch):
             idx = mine[start:start + batch]
             x = to_float(images[idx.to(images.device)])
-            noise = image_noise(seeds[idx], x.shape[1:]).to(device, non_blocking=True)
+            noise = image_noise(stream, idx.tolist(), x.shape[1:], device)
             if flip:
                 x = x.flip(3)
             labels = torch.zeros(len(idx), label_dim, device=device) if label_dim else None  # unconditional
             with autocast(device, precision):
                 try:
-                    denoiser(x + sigma * noise, sigma, labels)
+                    denoiser(x + sigma * noise, sigma, class_labels=labels)
                 except _StopForward:
                     pass
             for b in blocks:
@@ -156,7 +133,6 @@ def gather_strided(x, n):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
 # Feature cache: OUTDIR/probe/features/epoch_<N>/<ema>/<block>/sigma=<s>/<split>[_flip].pt
 
 class Checkpoint:
@@ -172,19 +148,16 @@ class Checkpoint:
             raise UserError(f"no checkpoint for epoch {epoch} in {os.path.join(outdir, 'checkpoints')} "
                             f"(available: {', '.join(map(str, sorted(available)))})")
         st = os.stat(available[epoch])
-        self.outdir, self.epoch, self.path = outdir, epoch, available[epoch]
-        self.identity = dict(checkpoint=os.path.basename(self.path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+        self.outdir, self.epoch = outdir, epoch
+        self.identity = dict(checkpoint=os.path.basename(available[epoch]), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
-def feature_path(ckpt, ema, block, sigma, split, flip):
-    return os.path.join(ckpt.outdir, "probe", "features", f"epoch_{ckpt.epoch}", ema, block, f"sigma={sigma:.6g}",
+def cache_file(ckpt, p, block, sigma, split, flip, num_images):
+    """(path, meta) of a cache file; meta says what it was made from (p: the probe section): any difference re-extracts."""
+    path = os.path.join(ckpt.outdir, "probe", "features", f"epoch_{ckpt.epoch}", p["ema"], block, f"sigma={sigma:.6g}",
                         f"{split}{'_flip' if flip else ''}.pt")
-
-
-def feature_meta(ckpt, p, block, sigma, split, flip, num_images):
-    """What a cached file must have been made from (p: the probe section); any difference means extract again."""
-    return dict(version=CACHE_VERSION, **ckpt.identity, ema=p["ema"], precision=p["precision"], block=block, sigma=float(sigma),
-                split=split, flip=flip, num_images=num_images, seed_offset=SEED_STRIDE * STREAMS[split, flip])
+    return path, dict(version=CACHE_VERSION, **ckpt.identity, ema=p["ema"], precision=p["precision"], block=block,
+                      sigma=float(sigma), split=split, flip=flip, num_images=num_images, stream=STREAMS[split, flip])
 
 
 def read_cached(path, meta):
@@ -204,17 +177,14 @@ def write_cached(path, features, meta, t_img):
 
 
 def ensure_features(cfg, ckpt, blocks, sigmas, streams, device, images):
-    """Extract and cache every (block, sigma, stream) whose cache file is missing or stale; the network is
-    loaded only if one is. Collective under torchrun: rank 0 decides, every rank extracts its share.
-    Returns t_img of the checkpoint."""
+    """Extract and cache every (block, sigma, stream) whose cache is missing or stale (collective); returns t_img."""
     p = cfg["probe"]
     ema, missing, t_img = p["ema"], {}, None
     if dist.rank() == 0:
         for sigma in sigmas:
             for split, flip in streams:
                 for b in blocks:
-                    cached = read_cached(feature_path(ckpt, ema, b, sigma, split, flip),
-                                         feature_meta(ckpt, p, b, sigma, split, flip, len(images[split])))
+                    cached = read_cached(*cache_file(ckpt, p, b, sigma, split, flip, len(images[split])))
                     if cached is None:
                         missing.setdefault((sigma, split, flip), []).append(b)
                     else:
@@ -229,22 +199,14 @@ def ensure_features(cfg, ckpt, blocks, sigmas, streams, device, images):
     for (sigma, split, flip), todo in missing.items():
         if split not in on_device:
             on_device[split] = images[split].to(device)
-        seeds = torch.arange(len(images[split])) + SEED_STRIDE * STREAMS[split, flip]
         start = time.time()
-        feats = extract_features(net, cfg["diffusion"]["sigma_data"], on_device[split], sigma, todo, seeds, p["batch"], flip,
-                                 p["precision"])
+        feats = extract_features(net, cfg["diffusion"]["sigma_data"], on_device[split], sigma, todo, STREAMS[split, flip],
+                                 p["batch"], flip, p["precision"])
         log(f"features: {len(todo)} block(s) at sigma={sigma:.4g}, {split}{' x-flipped' if flip else ''}, "
-            f"{len(seeds)} images on {dist.world_size()} rank(s): {time.time() - start:.1f} s")
+            f"{len(images[split])} images on {dist.world_size()} rank(s): {time.time() - start:.1f} s")
         if dist.rank() == 0:
             for b in todo:
-                write_cached(feature_path(ckpt, ema, b, sigma, split, flip), feats[b],
-                             feature_meta(ckpt, p, b, sigma, split, flip, len(images[split])), info["t_img"])
+                path, meta = cache_file(ckpt, p, b, sigma, split, flip, len(images[split]))
+                write_cached(path, feats[b], meta, info["t_img"])
     return info["t_img"]
 
-
-def load_features(cfg, ckpt, block, sigma, streams, images):
-    """{(split, flip): features} of one cell, from the cache."""
-    p = cfg["probe"]
-    return {(split, flip): read_cached(feature_path(ckpt, p["ema"], block, sigma, split, flip),
-                                       feature_meta(ckpt, p, block, sigma, split, flip, len(images[split])))[0]
-            for split, flip in streams}

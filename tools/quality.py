@@ -1,16 +1,4 @@
-"""Sample quality of a set of generated images against its dataset, with the spread over seed blocks.
-
-    score_samples(cfg, images) -> {"FD_classifier": ..., "KID": ..., "precision": ..., "recall": ...,
-                                   "class_entropy": ..., "confidence": ..., "memorised_fraction": ..., ...}
-
-Features come from the dataset classifier (tools/classifier.py, no download, the default for digits)
-or from pytorch-fid's Inception-v3 (tools/fid.py, the default for CIFAR and Tiny-ImageNet). Every
-metric is computed on each of `blocks` disjoint blocks of the samples (consecutive seed ranges) and
-reported as mean and std over the blocks, with the block size, so that two runs' figures can be
-told apart from noise. Memorisation is measured in pixels, whatever the features. Samples of a
-class-conditional model, given their requested classes, also get `class_accuracy`: how often the dataset
-classifier (whatever the features) names the requested class, which measures how well conditioning works.
-"""
+"""Sample quality against the dataset, each metric's mean and std over disjoint seed blocks (docs/METRICS.md)."""
 
 import numpy as np
 import torch
@@ -28,30 +16,25 @@ NEAREST_PAIRS = 32  # samples shown beside their nearest training image
 
 
 def fd_key(row):
-    """The Frechet-distance key of a quality row: FD_classifier or FD_inception (whichever features scored it)."""
+    """The Frechet-distance key of a quality row: FD_classifier or FD_inception."""
     return next(k for k in row if k.startswith("FD_") and not k.endswith("_std"))
 
 
 def default_extractor(cfg):
-    """The dataset classifier for digits and folder data, Inception for the natural-image benchmarks."""
     return "inception" if cfg["data"]["dataset"] in ("cifar10", "cifar100", "tinyimagenet") else "classifier"
 
 
 def extract(extractor, model, images, device):
-    """(features float64 [N, F], class probabilities [N, K] or None) of uint8 images under `extractor`
-    ("classifier" or "inception") with the `model` build_extractor() returned."""
+    """(features float64 [N, F], class probabilities [N, K] or None) of uint8 images."""
     if extractor == "classifier":
         return outputs(model, images, device=device)
     return features_of_images(model, images, device=device), None
 
 
 def reference(cfg, extractor, model, device, inception_weights=None, inception_ref=None):
-    """(mu, sigma, features) of the training split: all of it for the classifier; for Inception, the FID
-    reference statistics of the whole split with the up to 10,000 features they keep (`inception_ref`, or
-    computed once into DATA_CACHE/fid-refs/ as sample.py --fid auto does)."""
+    """(mu, sigma, features) of the training split; for Inception, the FID reference statistics (as --fid auto)."""
     if extractor == "classifier":
-        images, _ = load_dataset(cfg, "train")
-        feats = extract(extractor, model, images, device)[0]
+        feats = extract(extractor, model, load_dataset(cfg, "train")[0], device)[0]
         return (*metrics.feature_stats(feats), feats)
     path = inception_ref or fid.auto_reference(cfg, inception_weights, device)
     mu, sigma, feats = fid.load_stats(path)
@@ -70,10 +53,14 @@ def build_extractor(cfg, extractor, device, inception_weights=None):
     return model
 
 
+def _block_size(count, blocks):
+    if count // blocks < 10:
+        raise UserError(f"scoring needs at least {10 * blocks} samples ({blocks} blocks of 10), got {count}")
+    return count // blocks
+
+
 class Scorer:
-    """What scoring costs once per dataset: the feature extractor, the training split's reference features, and
-    the held-out split's distances to the training set (the memorisation threshold). score() then costs only
-    the samples' own features and distances, so a training run can score a quality curve every few epochs."""
+    """What scoring costs once per dataset, so that score() costs only the samples' own features."""
 
     def __init__(self, cfg, extractor=None, device="cpu", inception_weights=None, inception_ref=None, log=print):
         self.cfg, self.device = cfg, device
@@ -81,45 +68,37 @@ class Scorer:
         self.model = build_extractor(cfg, self.extractor, device, inception_weights)
         self.mu_ref, self.sigma_ref, self.ref = reference(cfg, self.extractor, self.model, device, inception_weights, inception_ref)
         self.classifier = self.model if self.extractor == "classifier" else None
-        self.train, _ = trained_images(cfg)
-        self.train = self.train.to(device)
+        self.train = trained_images(cfg)[0].to(device)
         try:
-            heldout, _ = load_dataset(cfg, "test")
-            self.heldout_dist, _ = metrics.nearest_distances(heldout.to(device), self.train)
+            self.heldout_dist = metrics.nearest_distances(load_dataset(cfg, "test")[0].to(device), self.train)[0]
         except UserError as e:
             log(f"memorisation not measured: {e}")
             self.heldout_dist = None
 
     def score(self, samples, blocks=4, pairs_path=None, classes=None):
-        """Quality metrics of uint8 samples [N, C, H, W] (in seed order); see score_samples."""
+        """Quality metrics of uint8 samples [N, C, H, W] in seed order (score_samples)."""
         samples = torch.as_tensor(samples)
-        n = len(samples) // blocks
-        if n < 10:
-            raise UserError(f"scoring needs at least {10 * blocks} samples ({blocks} blocks of 10), got {len(samples)}")
+        n = _block_size(len(samples), blocks)
         samples = samples[:n * blocks]
         feats, probs = extract(self.extractor, self.model, samples, self.device)
         if classes is not None:
             if self.classifier is None:
                 self.classifier = build_extractor(self.cfg, "classifier", self.device)
-                class_probs = extract("classifier", self.classifier, samples, self.device)[1]
-            else:
-                class_probs = probs
+            class_probs = probs if probs is not None else extract("classifier", self.classifier, samples, self.device)[1]
             requested = np.asarray(classes[:n * blocks], dtype=np.int64)
             if requested.max() >= self.classifier.num_classes:
                 raise UserError(f"requested class {requested.max()} but the dataset {self.cfg['data']['dataset']} has "
                                 f"{self.classifier.num_classes} classes: network.label_dim must be its number of classes")
         sample_dist, sample_idx = metrics.nearest_distances(samples.to(self.device), self.train)
 
-        name, ref = f"FD_{self.model.name}", self.ref
-        per_block = []
+        ref, per_block = self.ref, []
         for b in range(blocks):
             s = slice(b * n, (b + 1) * n)
             f = feats[s]
-            row = {name: metrics.frechet_distance(*metrics.feature_stats(f), self.mu_ref, self.sigma_ref)}
-            row["KID"] = metrics.kid(f, ref, num_subsets=KID_SUBSETS, subset_size=min(n, metrics.KID_SUBSET_SIZE))[0]
-            # k-NN radii shrink as a set grows: compare with an equally large random subset of the training features.
-            real = ref[np.random.default_rng(b).choice(len(ref), min(n, len(ref)), replace=False)]
-            row.update(metrics.precision_recall(real, f, k=3))
+            row = {f"FD_{self.model.name}": metrics.frechet_distance(*metrics.feature_stats(f), self.mu_ref, self.sigma_ref),
+                   "KID": metrics.kid(f, ref, num_subsets=KID_SUBSETS, subset_size=min(n, metrics.KID_SUBSET_SIZE))[0]}
+            # k-NN radii shrink as a set grows: against as many random training features
+            row.update(metrics.precision_recall(ref[np.random.default_rng(b).choice(len(ref), min(n, len(ref)), replace=False)], f))
             if probs is not None:
                 row.update(metrics.class_coverage(probs[s]))
             if self.heldout_dist is not None:
@@ -140,38 +119,28 @@ class Scorer:
 
 def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_path=None, inception_weights=None,
                   inception_ref=None, classes=None):
-    """Quality metrics of uint8 samples [N, C, H, W] (in seed order) against the config's dataset.
-
-    Returns a dict: for each metric its mean over `blocks` disjoint blocks and `<metric>_std`, plus
-    `count`, `blocks`, `block_size`, `extractor` and, for the classifier, its `classifier_test_accuracy`.
-    With `pairs_path`, the samples closest to a training image are saved beside them in that PNG. Memorisation
-    needs the dataset's test split (its distances to the training set set the threshold); without one it is skipped.
-    `classes` (the requested class of each sample, conditional models) adds `class_accuracy` and the classifier's test accuracy.
-    """
-    if len(samples) // blocks < 10:
-        raise UserError(f"scoring needs at least {10 * blocks} samples ({blocks} blocks of 10), got {len(samples)}")
+    """Quality metrics (mean and <metric>_std over `blocks` blocks) of uint8 samples [N, C, H, W] in seed order."""
+    _block_size(len(samples), blocks)  # before building anything
     scorer = Scorer(cfg, extractor, device, inception_weights, inception_ref, log=lambda m: print(m, flush=True))
     return scorer.score(samples, blocks, pairs_path, classes)
 
 
 def save_nearest_pairs(path, samples, train_images, index, dists, num=NEAREST_PAIRS):
-    """A PNG of the `num` samples closest to the training set, each beside its nearest training image, closest first
-    (uint8 [N, C, H, W]; `index` and `dists` from metrics.nearest_distances). Returns `path`."""
+    """A PNG of the `num` samples nearest to the training set beside their nearest training image, nearest first."""
     order = np.argsort(np.asarray(dists), kind="stable")[:num]
     nearest = torch.as_tensor(train_images)[torch.from_numpy(np.asarray(index)[order])]
     return save_picture(path, pairs_grid(torch.as_tensor(samples)[torch.from_numpy(order)], nearest))
 
 
 def format_line(r):
-    """One line for the terminal: every metric as mean +- std over the blocks."""
+    """One line: every metric as mean +- std over the blocks."""
+    pm = lambda k, spec, scale=1, unit="": f"{scale * r[k]:{spec}}{unit} +- {scale * r[k + '_std']:{spec}}{unit}"
     fd = fd_key(r)
-    parts = [f"{fd}: {r[fd]:.3f} +- {r[fd + '_std']:.3f}", f"KID: {r['KID']:.5f} +- {r['KID_std']:.5f}",
-             f"precision: {r['precision']:.3f} +- {r['precision_std']:.3f}", f"recall: {r['recall']:.3f} +- {r['recall_std']:.3f}"]
+    parts = [f"{fd}: {pm(fd, '.3f')}", f"KID: {pm('KID', '.5f')}", f"precision: {pm('precision', '.3f')}", f"recall: {pm('recall', '.3f')}"]
     if "class_entropy" in r:
-        parts.append(f"class entropy: {r['class_entropy']:.3f}/{r['class_entropy_max']:.3f}")
-        parts.append(f"confidence: {r['confidence']:.3f}")
+        parts += [f"class entropy: {r['class_entropy']:.3f}/{r['class_entropy_max']:.3f}", f"confidence: {r['confidence']:.3f}"]
     if "memorised_fraction" in r:
-        parts.append(f"memorised: {100 * r['memorised_fraction']:.1f}% +- {100 * r['memorised_fraction_std']:.1f}%")
+        parts.append(f"memorised: {pm('memorised_fraction', '.1f', 100, '%')}")
     if "class_accuracy" in r:
-        parts.append(f"requested-class accuracy: {100 * r['class_accuracy']:.1f}% +- {100 * r['class_accuracy_std']:.1f}%")
+        parts.append(f"requested-class accuracy: {pm('class_accuracy', '.1f', 100, '%')}")
     return "  ".join(parts) + f"  ({r['blocks']} blocks of {r['block_size']} samples)"

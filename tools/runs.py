@@ -1,10 +1,10 @@
-"""A trained run as the scripts that read it see it: its config and directory, and its network with
-the chosen weights (classic EMA, online weights, or a post-hoc EMA reconstruction).
+"""A trained run as the scripts that read it see it: its config and directory, and its network with the chosen weights.
 
     cfg, outdir = resolve(config=None, outdir="runs/cifar10-E")        # reads runs/cifar10-E/config.yaml
     net, info = load_net(cfg, outdir, epoch=None, ema="sigma_rel=0.075")
 """
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -15,12 +15,12 @@ from tools import dist
 from tools.checkpoint import load, load_epoch, pid_alive
 from tools.cli import UserError
 from tools.config import build_network, load_config
+from tools.log import to_run_log
 from tools.posthoc import write_reconstruction
 
 
 def resolve(config=None, outdir=None, overrides=()):
-    """(cfg, outdir) of a run: --outdir RUN alone reads RUN/config.yaml (the config it was trained with);
-    --config FILE replaces it (with its train.outdir when --outdir is absent); overrides apply to either."""
+    """(cfg, outdir) of a run: RUN/config.yaml, or `config` (and its train.outdir without `outdir`), with overrides."""
     if config is None:
         if outdir is None:
             raise UserError("pass --outdir RUN (its config.yaml is read) or --config FILE")
@@ -29,6 +29,30 @@ def resolve(config=None, outdir=None, overrides=()):
             raise UserError(f"{outdir} has no config.yaml: not a run directory (train.py writes one), or pass --config FILE")
     cfg = load_config(config, overrides)
     return cfg, outdir or cfg["train"]["outdir"]
+
+
+def run_flags(parser):
+    """The flags of a script that reads a run: --outdir, --config, --epoch and section.key=value overrides."""
+    parser.add_argument("--outdir", help="the run directory; its config.yaml is the config unless --config is given")
+    parser.add_argument("--config", help="a YAML config instead of the run's own (default: OUTDIR/config.yaml)")
+    parser.add_argument("--epoch", type=int, help="checkpoint epoch (default: the newest)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. sample.batch=512 sample.steps=32")
+
+
+def open_run(args):
+    """(cfg, outdir) of the run the flags of run_flags name; one line for a negative --epoch."""
+    if args.epoch is not None and args.epoch < 0:
+        raise UserError(f"--epoch must be >= 0, got {args.epoch}")
+    return resolve(args.config, args.outdir, args.overrides)
+
+
+@contextlib.contextmanager
+def run_session(outdir):
+    """dist.session() for a script that works on a run, its rank 0's output appended to OUTDIR/log.txt."""
+    with dist.session() as (rank, world, device):
+        if rank == 0:
+            to_run_log(outdir)
+        yield rank, world, device
 
 
 def parse_ema(ema):
@@ -44,39 +68,26 @@ def parse_ema(ema):
 
 
 def load_net(cfg, outdir, epoch=None, ema="classic", device="cpu"):
-    """The network of a run in eval mode, with the chosen weights: the classic EMA, the online (raw)
-    weights, or a post-hoc EMA reconstruction at the checkpoint's time. Returns (net, info dict).
-
-    A post-hoc EMA is built once, by rank 0, into OUTDIR/posthoc/ (tools.posthoc.write_reconstruction,
-    rebuilt only when a snapshot it used changed); the other ranks wait and read that file, so a call
-    under torchrun is collective."""
+    """(net in eval mode, info) with the classic EMA, the online or post-hoc EMA weights (built by rank 0: collective)."""
     kind, sigma_rel = parse_ema(ema)
     ckpt = load_epoch(outdir, epoch, required=("net", "emas", "t_img", "epoch"))
-    if kind == "classic":
-        state = ckpt["emas"]["classic"]
-    elif kind == "online":
-        state = ckpt["net"]
+    if kind == "posthoc":
+        state = load(dist.on_rank0(write_reconstruction, outdir, sigma_rel, ckpt["t_img"]))["net"]
     else:
-        path = dist.on_rank0(write_reconstruction, outdir, sigma_rel, ckpt["t_img"])
-        state = load(path)["net"]
+        state = ckpt["emas"]["classic"] if kind == "classic" else ckpt["net"]
     net = build_network(cfg)
     try:
         net.load_state_dict(state)
     except RuntimeError:
         raise UserError(f"the weights in {outdir} do not fit the network of this config ({cfg['unet']}); pass the run's own config") from None
-    info = dict(epoch=ckpt["epoch"], t_img=ckpt["t_img"], ema=ema)
-    return net.to(device).eval().requires_grad_(False), info
+    return net.to(device).eval().requires_grad_(False), dict(epoch=ckpt["epoch"], t_img=ckpt["t_img"], ema=ema)
 
 
 _held_locks = {}  # path -> open file; the lock lasts as long as the process
 
 
 def lock_for_training(outdir):
-    """Make this process the only one training into OUTDIR: an exclusive lock on OUTDIR/train.lock, which
-    names its holder (host, pid, start time, command). The operating system drops the lock when the holder
-    dies, so a lock left by a killed run is taken over; where the filesystem has no locks (some NFS
-    mounts), a holder on this host that no longer runs counts as stale. Raises UserError if another
-    live process holds it."""
+    """An exclusive lock on OUTDIR/train.lock naming its holder, or UserError if another live process holds it."""
     path = os.path.join(outdir, "train.lock")
     if path in _held_locks:
         return path

@@ -1,10 +1,4 @@
-"""When training writes a checkpoint between epochs, and when it stops: on a signal, or on a timer.
-
-SIGTERM (preemption), SIGINT (Ctrl-C) and SIGUSR1 (what SLURM sends before the time limit with
---signal=USR1@<seconds>) let the current step finish; a checkpoint is written and training stops. Every
-train.checkpoint_minutes a checkpoint is written anyway. Under torchrun the ranks agree on the step (one tiny
-all-reduce between the hosts every SYNC_STEPS steps).
-"""
+"""Checkpoints between epochs: on SIGTERM, SIGINT or SIGUSR1 (then training stops) and every train.checkpoint_minutes."""
 
 import signal
 import time
@@ -24,8 +18,7 @@ class StopRequests:
         self.last_save = time.time()
 
     def __enter__(self):
-        for s in self.SIGNALS:
-            self.previous[s] = signal.signal(s, self._request)
+        self.previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):

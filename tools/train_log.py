@@ -1,10 +1,4 @@
-"""The training log: TensorBoard scalars and metrics.jsonl rows of a run, written by rank 0.
-
-Sums are kept on the device and read on the host only every train.log_steps steps (no syncs in the hot loop):
-the loss overall and per sigma bucket, the gradient norm. A resumed run replays (bit-exactly) what the killed
-run did after its checkpoint: TensorBoard hides the killed run's points from there on (purge_step), and
-metrics.jsonl keeps the killed run's rows instead of writing them twice.
-"""
+"""The training log: TensorBoard scalars and metrics.jsonl rows, from sums kept on the device until a logged step."""
 
 import json
 import os
@@ -20,8 +14,9 @@ from tools.evaluation import describe
 from tools.schedule import SIGMA_BUCKETS
 
 UNCERTAINTY_SIGMAS = (0.01, 0.1, 1.0, 10.0)  # noise levels at which u(sigma) is logged
-QUALITY_CURVE_KEYS = ("KID", "FD_classifier", "precision", "recall", "memorised_fraction", "class_accuracy", "FID_inception",
-                      "KID_inception")
+QUALITY_CURVE_KEYS = ("KID", "FD_classifier", "precision", "recall", "memorised_fraction", "class_accuracy", "FID_inception", "KID_inception")
+TRAIN_SCALARS = ("loss", "lr", "grad_norm", "img_per_s", "peak_mem_gib", "nonfinite_steps", "augmented_fraction",
+                 "gns_b_simple", "gns_grad_sq", "gns_trace_sigma")
 
 
 def row_key(row):
@@ -31,12 +26,6 @@ def row_key(row):
     if row.get("kind") in ("eval", "curve"):
         return (row["kind"], row["kimg"])
     return None
-
-
-def _ends_with_newline(path):
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
 
 
 class TrainingLog:
@@ -50,13 +39,16 @@ class TrainingLog:
         self.acc_augment = torch.zeros(2, device=device, dtype=torch.float64)  # images augmented, images seen
         self.t_log, self.step_log = time.time(), step
         self.writer, self.path = None, os.path.join(outdir, "metrics.jsonl")
-        self.written = set()  # row_key of the rows in metrics.jsonl that a resumed run must not write twice
+        self.written = set()  # row_key of rows a resumed run must not write twice
         if rank == 0:
             t_img = step * cfg["train"]["batch_size"]
             self.writer = SummaryWriter(os.path.join(outdir, "tensorboard"), purge_step=t_img + 1 if step else None)
-            if os.path.exists(self.path) and os.path.getsize(self.path) and not _ends_with_newline(self.path):
-                append_text(self.path, "\n")  # a line cut short by a killed run stays a line of its own
-            if step:  # only the killed run's rows past the checkpoint are replayed; a fresh start writes all of its own
+            if os.path.exists(self.path) and os.path.getsize(self.path):
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        append_text(self.path, "\n")  # a line cut short by a kill stays alone
+            if step:  # only the killed run's rows past the checkpoint are replayed
                 self.written = {row_key(r) for r in read_jsonl(self.path) if round(r.get("kimg", 0) * 1000) > t_img} - {None}
 
     def add_losses(self, loss, sigma):
@@ -77,13 +69,9 @@ class TrainingLog:
         self.acc[2] += torch.where(finite, grad_norm, 0)
 
     def log(self, step, state):
-        """The sums since the last call, over all ranks, as a row (returned) that rank 0 writes to TensorBoard and
-        metrics.jsonl."""
-        T, t_img = self.cfg["train"], state.t_img
-        dist.all_reduce_sum(self.acc)
-        dist.all_reduce_sum(self.acc_bucket)
-        dist.all_reduce_sum(self.acc_augment)
-        a, ab, aug = self.acc.tolist(), self.acc_bucket.tolist(), self.acc_augment.tolist()
+        """The sums since the last call over all ranks, as a row (returned) that rank 0 writes."""
+        T, t_img, sums = self.cfg["train"], state.t_img, (self.acc, self.acc_bucket, self.acc_augment)
+        a, by_bucket, aug = (dist.all_reduce_sum(s).tolist() for s in sums)
         n_steps = max(step - self.step_log, 1)
         row = dict(step=step, kimg=t_img / 1000, epoch=t_img / self.epoch_img, loss=a[0] / max(a[1], 1),
                    lr=state.opt.param_groups[0]["lr"], grad_norm=a[2] / self.world / n_steps, nonfinite_steps=state.nonfinite_steps,
@@ -95,21 +83,19 @@ class TrainingLog:
         if state.noise_scale is not None:
             row.update(state.noise_scale.estimate())
         if self.rank == 0:
-            self._tensorboard(row, ab, state)
+            self._tensorboard(row, by_bucket, state)
             self.write(row)
-        self.acc.zero_()
-        self.acc_bucket.zero_()
-        self.acc_augment.zero_()
+        for s in sums:
+            s.zero_()
         self.t_log, self.step_log = time.time(), step
         return row
 
     def _tensorboard(self, row, by_bucket, state):
-        writer, buckets, t_img = self.writer, self.buckets.tolist(), state.t_img
-        for k in ("loss", "lr", "grad_norm", "img_per_s", "peak_mem_gib", "nonfinite_steps", "augmented_fraction",
-                  "gns_b_simple", "gns_grad_sq", "gns_trace_sigma"):
+        writer, t_img = self.writer, state.t_img
+        for k in TRAIN_SCALARS:
             if row.get(k) is not None:
                 writer.add_scalar(f"train/{k}", row[k], t_img)
-        edges = [0.0, *buckets, float("inf")]
+        edges = [0.0, *self.buckets.tolist(), float("inf")]
         for i, (s, c) in enumerate(zip(*by_bucket)):
             if c > 0:
                 writer.add_scalar(f"loss_by_sigma/{edges[i]:g}-{edges[i + 1]:g}", s / c, t_img)
@@ -120,12 +106,11 @@ class TrainingLog:
                 writer.add_scalar(f"uncertainty/sigma={s:g}", v, t_img)
 
     def write(self, row):
-        """One row of metrics.jsonl (rank 0), written whole or not at all; not again if a resumed run replays it."""
+        """One row of metrics.jsonl (rank 0), whole or not at all; not again if a resumed run replays it."""
         key = row_key(row)
-        if key is not None and key in self.written:
-            return
-        append_text(self.path, json.dumps(row) + "\n")
-        self.written.add(key)
+        if key is None or key not in self.written:
+            append_text(self.path, json.dumps(row) + "\n")
+            self.written.add(key)
 
     def exclude_time(self, start):
         """Leave the time since `start` (an evaluation) out of the next row's img_per_s."""
@@ -134,17 +119,17 @@ class TrainingLog:
     def log_evaluation(self, rows):
         """Rows of tools/evaluation.py (rank 0) to TensorBoard and metrics.jsonl, with a line each on the terminal."""
         for row in rows:
-            t_img = round(row["kimg"] * 1000)
+            t_img, add = round(row["kimg"] * 1000), self.writer.add_scalar
             if row["kind"] == "eval":
                 for k in ("val_loss", "train_loss", "gap"):
-                    self.writer.add_scalar(f"eval/{k}", row[k], t_img)
+                    add(f"eval/{k}", row[k], t_img)
                 for s, v, t in zip(row["sigmas"], row["val_loss_by_sigma"], row["train_loss_by_sigma"]):
-                    self.writer.add_scalar(f"eval_val_loss/sigma={s:g}", v, t_img)
-                    self.writer.add_scalar(f"eval_train_loss/sigma={s:g}", t, t_img)
+                    add(f"eval_val_loss/sigma={s:g}", v, t_img)
+                    add(f"eval_train_loss/sigma={s:g}", t, t_img)
             else:
                 for k in QUALITY_CURVE_KEYS:
                     if k in row:
-                        self.writer.add_scalar(f"quality_curve/{k}", row[k], t_img)
+                        add(f"quality_curve/{k}", row[k], t_img)
             self.write(row)
             print(f"evaluation at epoch {row['epoch']} ({row['kimg']:.1f} kimg): {describe(row)} [{row['eval_s']:.1f} s]", flush=True)
 

@@ -1,16 +1,14 @@
-"""What training advances and a checkpoint holds: the network and its loss head, the optimizer, the grad scaler,
-the EMAs, the images seen and the count of steps with non-finite gradients; one optimizer step; resume and save.
-"""
+"""What training advances and a checkpoint holds (network, loss head, optimizer, grad scaler, EMAs, images seen,
+non-finite step count): one optimizer step, resume and save."""
 
 import contextlib
-import sys
 
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from tools import dist
-from tools.checkpoint import atomic_save, checkpoint_path, list_checkpoints, list_resume_checkpoints, load, remove, resume_path
+from tools.checkpoint import atomic_save, checkpoint_path, list_checkpoints, list_resume_checkpoints, load_newest, remove, resume_path
 from tools.cli import UserError
 from tools.config import build_edm, dump, validate
 from tools.ema import EMAs
@@ -36,15 +34,15 @@ class TrainState:
     """The trained state of one run on one rank (every rank holds the same)."""
 
     def __init__(self, cfg, device):
-        T = cfg["train"]
+        train = cfg["train"]
         self.cfg, self.device = cfg, device
-        self.fp16 = T["precision"] == "fp16"
-        torch.manual_seed(T["seed"])  # the network's initialisation
+        self.fp16 = train["precision"] == "fp16"
+        torch.manual_seed(train["seed"])  # the network's initialisation
         self.edm = build_edm(cfg).to(device)
         force_weight_norm_(self.edm)
         # Fused Adam: one kernel over all parameters on CPU and CUDA alike, instead of a loop over them
         # (docs/PERFORMANCE.md compares the implementations).
-        self.opt = torch.optim.Adam(self.edm.parameters(), lr=T["lr"], betas=tuple(T["betas"]), eps=T["eps"], fused=True)
+        self.opt = torch.optim.Adam(self.edm.parameters(), lr=train["lr"], betas=tuple(train["betas"]), eps=train["eps"], fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.fp16)
         self.emas = EMAs(self.edm.net, cfg["ema"])
         self.params = list(self.edm.parameters())
@@ -79,24 +77,23 @@ class TrainState:
             self._step(model, batch, micro, lr, log)
 
     def _step(self, model, batch, micro, lr, log):
-        y, sigma, noise, class_labels, keys, augment_labels = batch
-        per_rank = len(y)
-        for m in range(per_rank // micro):
-            ms = slice(m * micro, (m + 1) * micro)
-            last = (m + 1) * micro == per_rank
+        per_rank = len(batch.images)
+        for start in range(0, per_rank, micro):
+            ms, last = slice(start, start + micro), start + micro == per_rank
+            conditioning = {k: v[ms] for k, v in batch.conditioning.items() if v is not None}
+            rows = batch.normals.rows(slice(batch.rows.start + start, batch.rows.start + start + micro))
             sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
             with sync, autocast(self.device, self.cfg["train"]["precision"]):
-                loss = model(y[ms], sigma[ms], noise[ms], None if class_labels is None else class_labels[ms], keys[ms],
-                             None if augment_labels is None else augment_labels[ms])
+                loss, sigma = model(batch.images[ms], rows, **conditioning)
             scaled = self.scaler.scale(loss.sum() / per_rank)
             if self.noise_scale is not None:
                 self.noise_scale.loss_scale = self.scaler._scale if self.fp16 else None  # the scale as a tensor (no sync)
             scaled.backward()
             if self.noise_scale is not None:
                 self.noise_scale.end_micro_batch()
-            log.add_losses(loss, sigma[ms])
-        if augment_labels is not None:
-            log.add_augmented(augment_labels)
+            log.add_losses(loss, sigma)
+        if batch.conditioning.get("augment_labels") is not None:
+            log.add_augmented(batch.conditioning["augment_labels"])
 
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -147,17 +144,7 @@ class TrainState:
         """Load the newest valid checkpoint of outdir, per-epoch or mid-epoch (resume_<images>.pt); a corrupt one
         is reported and the next older one tried. False if there is none."""
         candidates = sorted([(e * epoch_img, p) for e, p in list_checkpoints(outdir)] + list_resume_checkpoints(outdir), reverse=True)
-        ckpt = None
-        for _, path in candidates:
-            try:
-                ckpt = load(path)
-            except UserError as e:
-                print(f"warning: {e}", file=sys.stderr, flush=True)
-                continue
-            if isinstance(ckpt, dict) and all(k in ckpt for k in REQUIRED):
-                break
-            print(f"warning: checkpoint {path} lacks {', '.join(REQUIRED)}; skipped", file=sys.stderr, flush=True)
-            ckpt = None
+        ckpt = load_newest(outdir, REQUIRED, [p for _, p in candidates])
         if ckpt is None and candidates:
             raise UserError(f"no checkpoint in {outdir}/checkpoints could be loaded; move them away to start afresh")
         if ckpt is None:

@@ -1,10 +1,5 @@
-"""Training: the loop of train.py, from the config to the last checkpoint.
-
-Setup (the run directory, the data, the trained state resumed from its newest checkpoint, DDP), then one
-optimizer step at a time; between steps the schedule decides (as functions of the images seen) when to
-snapshot the power EMAs, log, draw a grid, evaluate and checkpoint, and a signal or a timer may ask for a
-checkpoint between epochs (tools/stops.py).
-"""
+"""The loop of train.py: setup and resume, then one optimizer step at a time; between steps, at cadences counted in
+images, EMA snapshots, log rows, grids, evaluations and checkpoints, and a checkpoint when a signal or timer asks."""
 
 import os
 import signal
@@ -44,9 +39,9 @@ class Run:
     """What the loop works with: the config, this rank, the data, the state, the log and the evaluator."""
 
     def __init__(self, cfg, device):
-        self.cfg, self.T, self.outdir = cfg, cfg["train"], cfg["train"]["outdir"]
+        self.cfg, self.train, self.outdir = cfg, cfg["train"], cfg["train"]["outdir"]
         self.rank, self.world, self.device = dist.rank(), dist.world_size(), device
-        use_deterministic(self.T["deterministic"])
+        use_deterministic(self.train["deterministic"])
         dist.on_rank0(claim_run_directory, self.outdir)  # one writer per run directory, before anything is written
         self.data = Batches(cfg, self.rank, self.world, device)  # the training set on the device; this rank's share of each batch
         self.state = TrainState(cfg, device)
@@ -60,10 +55,10 @@ class Run:
                                              broadcast_buffers=False) if self.world > 1 else edm
         if self.state.noise_scale is not None and self.world > 1:
             self.state.noise_scale.attach(self.model)
-        if self.T["compile"]:  # the DDP wrapper first: compile then splits the graph at DDP's buckets, whose all-reduce
+        if self.train["compile"]:  # the DDP wrapper first: compile then splits the graph at DDP's buckets, whose all-reduce
             self.model.compile()  # overlaps the rest of the backward pass (DDPOptimizer)
         self.step = self.state.t_img // self.data.batch_size
-        self.total_steps = self.T["epochs"] * self.data.steps_per_epoch
+        self.total_steps = self.train["epochs"] * self.data.steps_per_epoch
         self.log = TrainingLog(cfg, self.outdir, self.rank, self.world, device, self.step, self.data.epoch_img)
         self.evaluator = Evaluator(cfg, self.data.images, self.data.labels, self.rank, self.world, device)
         self.snapshot_img = round(cfg["ema"]["snapshot_epochs"] * self.data.epoch_img)
@@ -74,8 +69,8 @@ class Run:
         return self.state.t_img / self.data.epoch_img
 
     def train_step(self):
-        T, epoch_img = self.T, self.data.epoch_img
-        lr = learning_rate(self.state.t_img, T["lr"], T["lr_rampup_epochs"] * epoch_img, T["lr_ref_epochs"] * epoch_img)
+        train, epoch_img = self.train, self.data.epoch_img
+        lr = learning_rate(self.state.t_img, train["lr"], train["lr_rampup_epochs"] * epoch_img, train["lr_ref_epochs"] * epoch_img)
         self.state.step(self.model, self.data.batch(self.step), self.data.micro, lr, self.log)
         self.step += 1
 
@@ -92,8 +87,8 @@ class Run:
 
     def end_epoch(self, epoch, last):
         """Grid, evaluation and checkpoint of an epoch, each at its cadence. Returns the checkpoint written, or None."""
-        T, state = self.T, self.state
-        if T["grid_epochs"] and (epoch % T["grid_epochs"] == 0 or last):
+        train, state = self.train, self.state
+        if train["grid_epochs"] and (epoch % train["grid_epochs"] == 0 or last):
             if self.rank == 0:
                 examples = self.data.augmented_examples(PREVIEW_IMAGES, epoch) if self.data.augment else None  # what training sees
                 picture = training_grid(state.emas.classic.ema_model, self.cfg, self.device, examples=examples)
@@ -106,7 +101,7 @@ class Run:
             if self.rank == 0:
                 self.log.log_evaluation(rows)
             self.log.exclude_time(started)  # img_per_s measures training only
-        if epoch % T["checkpoint_epochs"] and not last:
+        if epoch % train["checkpoint_epochs"] and not last:
             return None
         return self.checkpoint(epoch, why=None)
 
@@ -126,25 +121,25 @@ class Run:
 def train(cfg, device):
     """Train the config's network into train.outdir (resuming from its newest checkpoint) on this rank."""
     run = Run(cfg, device)
-    T, state, data = run.T, run.state, run.data
+    train_cfg, state, data = run.train, run.state, run.data
     dist.print0(f"{cfg['unet']}: {sum(p.numel() for p in state.edm.net.parameters()) / 1e6:.2f}M parameters, "
-                f"{len(data.images)} images, {run.world} rank(s) on {device.type}, {T['epochs']} epochs of "
+                f"{len(data.images)} images, {run.world} rank(s) on {device.type}, {train_cfg['epochs']} epochs of "
                 f"{data.steps_per_epoch} steps; run directory {run.outdir}")
     bar = progress(run.total_steps, initial=run.step, desc="training", unit="step", enabled=run.rank == 0)
     try:
-        with StopRequests(T["checkpoint_minutes"], run.rank, run.world) as stops:
+        with StopRequests(train_cfg["checkpoint_minutes"], run.rank, run.world) as stops:
             while run.step < run.total_steps:
                 run.train_step()
                 bar.update(1)
                 run.snapshot_if_due()
                 epoch, into_epoch = divmod(run.step, data.steps_per_epoch)
                 last = run.step == run.total_steps
-                if into_epoch == 0 or run.step % T["log_steps"] == 0:
+                if into_epoch == 0 or run.step % train_cfg["log_steps"] == 0:
                     run.log_row(bar)
                 checkpoint = run.end_epoch(epoch, last) if into_epoch == 0 else None
                 signum, timer_due = stops.poll(run.step)
                 if checkpoint is None and (signum or timer_due) and not last:
-                    why = signal.Signals(signum).name if signum else f"{T['checkpoint_minutes']:g} minutes"
+                    why = signal.Signals(signum).name if signum else f"{train_cfg['checkpoint_minutes']:g} minutes"
                     checkpoint = run.checkpoint(run.epoch, why)
                 if checkpoint is not None:
                     stops.saved()
