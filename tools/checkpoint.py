@@ -110,6 +110,15 @@ def write_json(path, obj):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
+def read_json(path):
+    """A JSON file written by write_json; {} if it is missing or unreadable (its entries are computed again)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def append_text(path, text):
     """Append `text`, fsynced; a failed append cuts the file back (no half line)."""
     path = os.fspath(path)

@@ -21,7 +21,7 @@ import time
 import torch
 
 from tools import dist
-from tools.checkpoint import append_text, write_json
+from tools.checkpoint import append_text, read_json, write_json
 from tools.cli import UserError, run_main
 from tools.data import load_dataset, to_float
 from tools.edm import Denoiser
@@ -211,11 +211,7 @@ def likelihood(cfg, outdir, device, epoch=None, ema=None, num_images=None, exact
                key=f"{ema}/{divergence}/n={num_images}/dopri5-rtol={rtol:g}-atol={atol:g}/sigma={s['sigma_min']:g}-{s['sigma_max']:g}")
     if dist.rank() == 0:  # one entry per setting in the epoch's file, the others kept
         path = os.path.join(outdir, "checkpoints", f"epoch_{row['epoch']}.likelihood.json")
-        try:
-            with open(path) as f:
-                entries = json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            entries = {}
+        entries = read_json(path)
         entries[row["key"]] = dict(row, per_image_bits_per_dim=per_image)
         write_json(path, entries)
         append_text(os.path.join(outdir, "metrics.jsonl"), json.dumps(row) + "\n")

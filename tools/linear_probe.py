@@ -1,6 +1,5 @@
 """The linear probe's classifier and its result files (docs/PROBE.md)."""
 
-import json
 import math
 import os
 import warnings
@@ -8,7 +7,7 @@ import warnings
 import torch
 from threadpoolctl import threadpool_limits
 
-from tools.checkpoint import numbered_files, write_json
+from tools.checkpoint import numbered_files, read_json, write_json
 from tools.data import to_float
 from tools.plots import pyplot, save_figure
 
@@ -106,14 +105,6 @@ def read_probe_results(outdir):
     for _, path in numbered_files(os.path.join(outdir, "checkpoints"), "epoch_", ".probe.json"):
         rows += list(read_json(path).values())
     return rows
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def save_heatmap(path, table, blocks, sigmas, best):

@@ -8,11 +8,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from tools import dist
-from tools.checkpoint import checkpoint_path, write_json
+from tools.checkpoint import checkpoint_path, read_json, write_json
 from tools.cli import UserError
 from tools.config import check_ranges
 from tools.data import load_dataset
-from tools.linear_probe import pixels_baseline, probe_cell, read_json, save_heatmap
+from tools.linear_probe import pixels_baseline, probe_cell, save_heatmap
 from tools.probe_features import Checkpoint, cache_file, default_block, ensure_features, list_blocks, read_cached
 from tools.runs import parse_ema
 
