@@ -1,10 +1,8 @@
 """Linear probe of a trained network's features (the DDAE protocol, Xiang et al. 2023; docs/PROBE.md).
 
-    python probe.py --outdir runs/cifar10-E --epoch 1000
     python probe.py --outdir runs/cifar10-E --t 4 --ema sigma_rel=0.075
     python probe.py --outdir runs/cifar10-E --grid              # every block x probe.grid_sigmas
     python probe.py --config config/cifar10/E.yaml --list-blocks
-    torchrun --nproc_per_node=8 probe.py --outdir runs/cifar10-E  # extraction spread over the GPUs
 """
 
 import argparse
@@ -25,10 +23,8 @@ def main(argv=None):
     p.add_argument("--block", help="block whose pooled activations are the features, e.g. dec.8x8_block1 (default: probe.block)")
     level = p.add_mutually_exclusive_group()
     level.add_argument("--sigma", type=float, help="noise level of the features (default: probe.sigma)")
-    level.add_argument("--t", type=int, help="noise level as an index into the reversed sampling schedule "
-                                             "(index 0 = sigma 0; with 18 steps --t 4 is sigma 0.0599)")
-    p.add_argument("--classifier", choices=CLASSIFIERS,
-                   help="sklearn (CPU) | torch (same objective, L-BFGS on the probe device, for large sets) (default: probe.classifier)")
+    level.add_argument("--t", type=int, help="noise level as an index into the reversed sampling schedule (18 steps: --t 4 is sigma 0.0599)")
+    p.add_argument("--classifier", choices=CLASSIFIERS, help="sklearn (CPU) | torch (L-BFGS on the probe device) (default: probe.classifier)")
     p.add_argument("--xflip", action=argparse.BooleanOptionalAction, help="add x-flipped training images' features (default: probe.xflip)")
     p.add_argument("--batch", type=int, help="images per rank per forward (default: probe.batch)")
     p.add_argument("--grid", action="store_true", help="sweep every block x probe.grid_sigmas; JSON table and heat map")
@@ -39,7 +35,7 @@ def main(argv=None):
     cfg["probe"].update({k: getattr(args, k) for k in flags})
     if args.t is not None:
         cfg["probe"]["sigma"] = sigma_of_t(cfg, args.t)
-    blocks = resolve_probe(cfg, names={k: f"--{k}" for k in flags})  # the flags replace probe.* keys: the same ranges
+    blocks = resolve_probe(cfg, names={k: f"--{k}" for k in flags})
     if args.list_blocks:
         print(f"{'block':<20} {'channels':>8}  resolution")
         for name, channels, res in blocks:

@@ -1,12 +1,8 @@
-"""Generate images from a trained run, one PNG per seed, spread over ranks; optionally score them.
+"""Generate images from a trained run, one PNG per seed (any ranks or batch, resumable); optionally score them.
 
     torchrun --nproc_per_node=N sample.py --outdir runs/cifar10-E --epoch 2000 [--fid auto|REF.npz]
     python sample.py --outdir runs/demo/E --seeds 0-999 --score
     python sample.py --outdir runs/digits-E-cond --guidance 2 [--class 3] [--guide runs/digits-E-cond:5]
-    python sample.py --sampler list
-
-Image k depends only on seed k and the weights, not on the rank count or batch size; an interrupted run
-continues where it stopped. Scores, guidance and samplers: README and docs/GUIDANCE.md.
 """
 
 import argparse
@@ -28,21 +24,16 @@ def parse_args(argv=None):
     for k, (_, _, _, meaning) in PARAMS.items():
         p.add_argument(f"--{k}", type=float, help=meaning)
     p.add_argument("--batch", type=int, help="images per rank per forward")
-    p.add_argument("--out", help="output folder, PNGs only (default: OUTDIR/samples/epoch_<N>-<ema>-<sampler><steps>-<precision>); "
-                   "grid and scores go beside it (<out>.grid.png, .quality.json, .fid.json)")
-    p.add_argument("--fid", metavar="REF.npz", help="Inception FID/KID against these reference statistics; 'auto' = the "
-                   "config's training split, computed once (spread over the ranks) into DATA_CACHE/fid-refs/")
+    p.add_argument("--out", help="folder of PNGs (default: OUTDIR/samples/epoch_<N>-<ema>-<sampler><steps>-<precision>); grid, scores beside")
+    p.add_argument("--fid", metavar="REF.npz", help="Inception FID/KID against these statistics; 'auto' = the training split's (in DATA_CACHE)")
     p.add_argument("--score", action="store_true", help="quality metrics of the samples (tools/quality.py), mean +- std over seed blocks")
     p.add_argument("--metric-features", choices=("classifier", "inception"), help="features for --score (default: per dataset)")
     p.add_argument("--score-blocks", type=int, default=4, help="disjoint seed blocks for the spread of --score (default 4)")
     p.add_argument("--inception-weights", help="local pt_inception-2015-12-05 weights (or set FID_INCEPTION_WEIGHTS)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--class", dest="class_index", type=int, metavar="K", help="a conditional run: every image of class K "
-                   "(default: a balanced mix, image k of class k mod network.label_dim); classes go to <out>.labels.json")
-    p.add_argument("--guidance", type=float, default=1.0, metavar="W", help="guidance weight, D = D_guide + W (D - D_guide); "
-                   "1 = none. The guide is --guide, or else the same conditional network with the label dropped (classifier-free)")
-    p.add_argument("--guide", metavar="RUN[:EPOCH]", help="autoguidance: a weaker model of the same task (a smaller config, "
-                   "or an earlier checkpoint), read with its own config.yaml")
+    p.add_argument("--class", dest="class_index", type=int, metavar="K", help="every image of class K (default: image k of class k mod label_dim)")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W", help="D_guide + W (D - D_guide), 1 = none; guide: --guide or label-dropped D")
+    p.add_argument("--guide", metavar="RUN[:EPOCH]", help="autoguidance: a weaker model of the same task (smaller config or earlier checkpoint)")
     p.add_argument("--guide-ema", help="the guide's weights: classic | online | sigma_rel=X (default: sample.ema of its config)")
     return p.parse_args(argv)
 

@@ -1,11 +1,7 @@
-"""Train an EDM2 network (Config C, E or G).
+"""Train an EDM2 network (Config C, E or G); the same outdir resumes from its newest checkpoint (raise train.epochs to go on).
 
     torchrun --nproc_per_node=N train.py --config config/cifar10/E.yaml [section.key=value ...]
     python train.py --config config/digits/E.yaml train.epochs=2
-
-Re-running with the same outdir resumes from its newest valid checkpoint; raise train.epochs to continue.
-Everything time-dependent (LR, EMAs, snapshots, checkpoints) is a function of the images seen. The loop is
-tools/training.py.
 """
 
 import argparse

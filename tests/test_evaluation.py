@@ -15,7 +15,8 @@ from tools import inception
 from tools.checkpoint import load_epoch, read_jsonl
 from tools.config import build_edm
 from tools.data import load_dataset, to_float
-from tools.evaluation import HELDOUT, TRAIN, Evaluator, fixed_noise, fixed_subset
+from tools.evaluation import HELDOUT, TRAIN, Evaluator, fixed_subset
+from tools.rng import EVALUATION, image_normals
 from tools.runs import resolve
 
 FAST = ["network.model_channels=8", "data.max_images=512", "train.batch_size=256", "train.grid_epochs=0", "train.log_steps=1",
@@ -52,16 +53,16 @@ def test_validation_loss_is_the_training_loss_at_fixed_sigmas_and_noise(trained_
     for split, images, logged in ((HELDOUT, heldout, row["val_loss_by_sigma"]), (TRAIN, train_images, row["train_loss_by_sigma"])):
         idx = fixed_subset(len(images), 64, split)
         assert len(set(idx.tolist())) == 64
-        y, noise = to_float(images[idx]), fixed_noise(split, idx.tolist(), images.shape[1:], "cpu")
+        y, noise = to_float(images[idx]), image_normals((EVALUATION, split), idx.tolist(), images.shape[1:], "cpu")
         with torch.no_grad():
             direct = [edm.loss.at(edm.denoiser, y, torch.full((64,), s), noise).double().mean().item() for s in row["sigmas"]]
         np.testing.assert_allclose(logged, direct, rtol=1e-6)
     assert row["val_loss"] == pytest.approx(np.mean(row["val_loss_by_sigma"]), rel=1e-12)
     assert row["gap"] == pytest.approx(row["val_loss"] - row["train_loss"], rel=1e-12)
     # One noise image per image index, whatever it is drawn with; different images and splits get different noise.
-    both = fixed_noise(HELDOUT, [3, 5], (1, 16, 16), "cpu")
-    assert torch.equal(both[1], fixed_noise(HELDOUT, [5], (1, 16, 16), "cpu")[0])
-    assert not torch.equal(both[0], both[1]) and not torch.equal(both[1], fixed_noise(TRAIN, [5], (1, 16, 16), "cpu")[0])
+    both = image_normals((EVALUATION, HELDOUT), [3, 5], (1, 16, 16), "cpu")
+    assert torch.equal(both[1], image_normals((EVALUATION, HELDOUT), [5], (1, 16, 16), "cpu")[0])
+    assert not torch.equal(both[0], both[1]) and not torch.equal(both[1], image_normals((EVALUATION, TRAIN), [5], (1, 16, 16), "cpu")[0])
 
     # Cadence 0 (how trained_digits_run was trained): nothing evaluated, no summary.
     assert not rows_of(trained_digits_run, "eval") and not rows_of(trained_digits_run, "curve")

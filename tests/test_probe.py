@@ -32,7 +32,7 @@ def test_probe_reads_a_conditional_run_without_its_labels(cond_run, tmp_path, ca
     import probe
     from tools.data import load_dataset, to_float
     from tools.edm import Denoiser
-    from tools.probe_features import image_noise
+    from tools.rng import PROBE, image_normals
     from tools.runs import load_net, resolve
     run = copy_run(cond_run, tmp_path / "run", epoch=COND_EPOCHS)
     capsys.readouterr()
@@ -45,7 +45,7 @@ def test_probe_reads_a_conditional_run_without_its_labels(cond_run, tmp_path, ca
     images, labels = (x[:32] for x in load_dataset(cfg, "train"))
     pooled = []
     net.dec[PROBE_BLOCK.split(".")[1]].register_forward_hook(lambda m, i, o: pooled.append(o.mean(dim=(2, 3))))
-    x = to_float(images) + 0.06 * image_noise(0, range(32), images.shape[1:])  # the training split's stream
+    x = to_float(images) + 0.06 * image_normals((PROBE, 0), range(32), images.shape[1:])  # the training split's stream
     one_hot = torch.nn.functional.one_hot(labels, cfg["network"]["label_dim"]).float()
     with torch.no_grad():
         for given in (torch.zeros_like(one_hot), one_hot):

@@ -11,17 +11,18 @@ import torch
 
 from conftest import DIGITS, PROBE_BLOCK, ROOT, accuracy_of, cached_features, copy_run, flip_byte, run_probe, weights
 from tools import probe_features
+from tools.checkpoint import atomic_save
 from tools.cli import UserError
 from tools.config import build_network, load_config
 from tools.data import load_dataset
-from tools.probe_features import read_cached, write_cached
+from tools.probe_features import read_cached
 from tools.runs import load_net
 
 
 def test_flipped_byte_in_the_probe_cache_extracts_again(tmp_path):
     path = str(tmp_path / "features" / "train.pt")
     meta = {"version": 1, "block": "enc.8x8"}
-    write_cached(path, weights(3.0, 64).reshape(8, 8), meta, 1234)
+    atomic_save(dict(features=weights(3.0, 64).reshape(8, 8), meta=meta, t_img=1234), path)
     features, t_img = read_cached(path, meta)
     assert t_img == 1234 and (features == 3).all()
     flip_byte(path, weights(3.0, 64).numpy().tobytes())

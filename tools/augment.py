@@ -1,5 +1,4 @@
-"""Non-leaky geometric augmentation (EDM, Karras et al. 2022, appendix C): each enabled transform with probability p,
-the network told what was done by an AUGMENT_DIM vector, zero at sampling (docs/AUGMENTATION.md)."""
+"""Non-leaky augmentation (EDM appendix C): each transform with probability p, the network told by an AUGMENT_DIM vector."""
 
 import math
 
@@ -27,8 +26,7 @@ DEFAULTS = {"p": 0.0, "xflip": 0.0, "transforms": list(GATED), **STRENGTHS}  # a
 
 
 def _halfband_taps(K=6, beta=4.0):
-    """c_1..c_K, the odd taps (offsets +-1, ..., +-(2K-1)) of a half-band Kaiser-windowed sinc, summing to 1/2 (so that
-    midpoints preserve a constant exactly)."""
+    """The odd taps c_1..c_K of a half-band Kaiser-windowed sinc, summing to 1/2 (midpoints keep a constant exactly)."""
     n = np.arange(1, 2 * K, 2)
     taps = np.sinc(n / 2) * np.kaiser(4 * K - 1, beta)[2 * K - 1 + n]
     return tuple(float(c) for c in taps / (2 * taps.sum()))
@@ -38,11 +36,6 @@ _TAPS = _halfband_taps()
 _MARGIN = 2 * len(_TAPS) - 1  # 2x-grid samples the decimating filter reaches beyond the output
 
 
-def applied_fraction(vectors):
-    """Fraction of the batch with any transform applied, from the conditioning vectors (a tensor, on their device)."""
-    return vectors.ne(0).any(1).float().mean()
-
-
 def _normal(u):
     """Standard normal variates by the inverse CDF; u clamped off 0 and 1 so that |z| <= 5.5."""
     eps = 2.0 ** -25
@@ -50,7 +43,7 @@ def _normal(u):
 
 
 def _reflect(i, n):
-    """Index i folded into [0, n) by reflection about the border pixels (numpy 'reflect'), for any i."""
+    """Index i folded into [0, n) by reflection about the border pixels (numpy 'reflect')."""
     if n == 1:
         return torch.zeros_like(i)
     i = i.remainder(2 * (n - 1))
@@ -63,18 +56,6 @@ def _check_number(name, value, lo, hi):
     if not lo <= value <= hi:
         raise UserError(f"augment.{name} must be in [{lo:g}, {hi:g}], got {value!r}")
     return float(value)
-
-
-def _check_transforms(transforms):
-    if not isinstance(transforms, (list, tuple)) or not all(isinstance(t, str) for t in transforms):
-        raise UserError(f"augment.transforms must be a list of names from {', '.join(GATED)}; got {transforms!r}")
-    if "xflip" in transforms:
-        raise UserError(f"augment.transforms: the x-flip has a probability of its own, augment.xflip ({EDM_XFLIP:g} flips "
-                        f"half the images, as EDM does); take xflip out of the list")
-    unknown = [t for t in transforms if t not in GATED]
-    if unknown:
-        raise UserError(f"augment.transforms: unknown transform {unknown[0]!r}; known: {', '.join(GATED)}")
-    return tuple(t for t in GATED if t in transforms)
 
 
 def is_on(section):
@@ -91,10 +72,16 @@ class Augment:
             raise UserError(f"augment.{unknown[0]}: unknown key; allowed: p, xflip, transforms, {', '.join(STRENGTHS)}")
         self.p = _check_number("p", p, 0.0, 1.0)
         self.xflip = _check_number("xflip", xflip, 0.0, 1.0)
-        self.transforms = _check_transforms(transforms)
+        if not isinstance(transforms, (list, tuple)) or not all(isinstance(t, str) for t in transforms):
+            raise UserError(f"augment.transforms must be a list of names from {', '.join(GATED)}; got {transforms!r}")
+        if "xflip" in transforms:
+            raise UserError(f"augment.transforms: the x-flip has a probability of its own, augment.xflip ({EDM_XFLIP:g} flips "
+                            f"half the images, as EDM does); take xflip out of the list")
+        unknown = [t for t in transforms if t not in GATED]
+        if unknown:
+            raise UserError(f"augment.transforms: unknown transform {unknown[0]!r}; known: {', '.join(GATED)}")
+        self.transforms = tuple(t for t in GATED if t in transforms)
         self.strengths = {k: _check_number(k, strengths.get(k, d), *STRENGTH_RANGES[k]) for k, d in STRENGTHS.items()}
-
-    num_draws = NUM_DRAWS
 
     def draw(self, batch_size, generator=None):
         """float32 uniforms [batch_size, NUM_DRAWS] on the generator's device: draw for the global batch, slice by rank."""
@@ -133,8 +120,7 @@ class Augment:
         return vec64[:N], _inverse_affine(vec64, size)[:N]
 
     def __call__(self, images, draws):
-        """(images, float32 vectors) for images [N, C, H, W] and draws [N, NUM_DRAWS]; row i depends only on row i of
-        each, unchanged images are bit-exact, and with augmentation off the input itself is returned."""
+        """(images, float32 vectors) for images [N, C, H, W] and draws [N, NUM_DRAWS]; row i depends on row i alone."""
         N, C, H, W = images.shape
         if draws.shape != (N, NUM_DRAWS):
             raise ValueError(f"draws must have shape [{N}, {NUM_DRAWS}], got {list(draws.shape)}")
@@ -160,8 +146,7 @@ def _index_ops(images, vec64):
 
 
 def _inverse_affine(vec64, size):
-    """[N, 6] float32 (B00, B10, B01, B11, tx, ty): q_in = B (q_out - t) inverts q_out = t + 2^s M(a, phi) R(theta) q_in
-    about the centre (t in pixels), B scaled to grid_sample's [-1, 1] coordinates."""
+    """[N, 6] float32 (B00, B10, B01, B11, tx, ty): q_in = B (q_out - t) inverts q_out = t + 2^s M(a, phi) R(theta) q_in."""
     H, W = size
     log2s, (cm1, sin), (u, v) = vec64[:, 4], vec64[:, 5:7].T, vec64[:, 7:9].T
     cos = 1 + cm1
@@ -221,8 +206,7 @@ def _midpoints(padded, dim):
 
 
 def _decimate(y, dim):
-    """Half-band low-pass, keeping every other sample: 2n - 1 + 2 * _MARGIN -> n along `dim`. The kept (odd) samples
-    meet the nonzero taps on the even ones: both phases are split off once, each tap a contiguous slice."""
+    """Half-band low-pass keeping every other sample, 2n - 1 + 2 * _MARGIN -> n along `dim`; each tap a contiguous slice."""
     K = len(_TAPS)
     n = (y.shape[dim] - 2 * _MARGIN + 1) // 2
     phase = lambda start: y.narrow(dim, start, y.shape[dim] - start).unfold(dim, 1, 2).squeeze(-1).contiguous()

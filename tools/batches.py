@@ -1,5 +1,4 @@
-"""The training set on the training device, and this rank's share of each step's global batch: every draw is made
-for the global batch from (seed, step) and sliced by rank, so a run is the same on any number of ranks."""
+"""This rank's share of each step's global batch: every draw is made for the global batch and sliced, so any rank count gives the same run."""
 
 from collections import namedtuple
 
@@ -21,8 +20,7 @@ def to_device(x, device):
 
 
 class Batches:
-    """The training images held whole on `device`; batch(step) is this rank's share of step's global batch. `data`:
-    (uint8 images, labels) instead of the config's (tools/bench.py's random pixels)."""
+    """The training images held whole on `device`; `data`: (uint8 images, labels) instead of the config's (tools/bench.py)."""
 
     def __init__(self, cfg, rank, world, device, data=None):
         self.cfg, self.device, self.seed = cfg, device, cfg["train"]["seed"]
@@ -50,7 +48,6 @@ class Batches:
         self.augment = Augment(**cfg["augment"]) if is_on(cfg["augment"]) else None  # off: no draws at all
 
     def batch(self, step):
-        """This rank's Batch at `step`."""
         B, data = self.batch_size, self.cfg["data"]
         epoch, pos = divmod(step, self.steps_per_epoch)
         if epoch != self.perm_epoch:

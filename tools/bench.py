@@ -1,7 +1,4 @@
-"""Speed of a config on this machine as one JSON line: training, sampling and the sample writer (docs/PERFORMANCE.md).
-
-    python -m tools.bench --config config/cifar10/E.yaml [--batch 512] [--compile]
-"""
+"""Speed of a config on this machine as one JSON line: training, sampling and the sample writer (docs/PERFORMANCE.md)."""
 
 if __name__ == "__main__" and not __package__:
     raise SystemExit("run this from the repository root as: python -m tools.bench ...")
@@ -57,7 +54,7 @@ def timed(device, fn):
 
 
 def matmul_tflops(device, dtype, repeats=10):
-    """The rate of a large square matmul in `dtype`, in TFLOP/s: the device's practical peak."""
+    """TFLOP/s of a large square matmul: the device's practical peak."""
     n = 8192 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     timed(device, lambda: [a @ b for _ in range(3)])  # warm-up
@@ -117,7 +114,6 @@ def bench_sampling(cfg, device, state, sample_images, compile):
 
 
 def bench_writers(cfg, count):
-    """The rates of the sample writer and of one atomic file at a time, on random images of the config's shape."""
     C, H, W = image_shape(cfg)
     images = np.random.default_rng(0).integers(0, 256, (count, H, W, C), dtype=np.uint8)
     cpu = torch.device("cpu")
@@ -172,8 +168,7 @@ def main(argv=None):
     ap.add_argument("--sample-images", type=int, help="images sampled end to end (default: two sample batches)")
     ap.add_argument("--writer-images", type=int, default=2000, help="images the writers write")
     ap.add_argument("--no-sampling", action="store_true", help="skip the sampling rows")
-    ap.add_argument("--gpus", type=int, default=8, help="also time one GPU's share of the batch on this many GPUs (its "
-                    "batch / GPUS in two micro-batches, noise-scale hooks on); 1 = not")
+    ap.add_argument("--gpus", type=int, default=8, help="also time one GPU's share of the batch on this many GPUs (two micro-batches); 1 = not")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. sample.steps=32")
     args = ap.parse_args(argv)
     for flag in ("batch", "sample_batch", "steps", "windows", "writer_images", "gpus", "warmup"):

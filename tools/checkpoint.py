@@ -53,7 +53,7 @@ def _remove_quietly(path):
 
 
 def write_error(path, error):
-    """A one-line UserError for a failed write of `path`; None if `error` is not the user's to fix."""
+    """A one-line UserError for a failed write of `path`, None if not the user's to fix."""
     if isinstance(error, UserError):
         return None
     os_errors, seen, e = [], set(), error
@@ -82,8 +82,7 @@ def _raise_write_error(path, error, cleanup):
 
 
 def atomic_write(path, write, manifest=False):
-    """write(f) into a temp file, fsynced and renamed over `path`: a crash or full disk leaves the previous file.
-    manifest=True also writes <path>.sha256 of the bytes written, after the file."""
+    """write(f) to a fsynced temp file renamed over `path` (a crash keeps the old file); manifest: <path>.sha256 after."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = temp_path(path)
@@ -111,7 +110,7 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    """A JSON file written by write_json; {} if it is missing or unreadable (its entries are computed again)."""
+    """{} if missing or unreadable: its entries are computed again."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -120,7 +119,7 @@ def read_json(path):
 
 
 def append_text(path, text):
-    """Append `text`, fsynced; a failed append cuts the file back (no half line)."""
+    """Fsynced; a failed append cuts the file back (no half line)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     size = None
@@ -135,7 +134,7 @@ def append_text(path, text):
 
 
 def read_jsonl(path):
-    """The rows of a JSON-lines file ([] without one), less a line cut short by a kill."""
+    """The rows ([] without a file), less a line cut short by a kill."""
     rows = []
     with contextlib.suppress(FileNotFoundError), open(path) as f:
         for line in f:
@@ -151,7 +150,7 @@ def remove(path):
 
 
 def pid_alive(pid):
-    """Whether process `pid` exists on this host; a pid this system cannot have counts as alive."""
+    """A pid this system cannot have counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,7 +161,6 @@ def pid_alive(pid):
 
 
 def remove_stale_temp(folder):
-    """Remove the temp files under `folder` of this host's processes that no longer exist."""
     host, removed = host_name(), []
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
@@ -176,7 +174,7 @@ def remove_stale_temp(folder):
 
 
 def verify(path, what="file", advice="delete it and run again"):
-    """UserError naming `path` when it differs from its manifest (if it has one)."""
+    """UserError when `path` differs from its manifest, if it has one."""
     path = os.fspath(path)
     try:
         with open(manifest_path(path), "rb") as f:
@@ -198,7 +196,6 @@ def verify(path, what="file", advice="delete it and run again"):
 
 
 def load(path):
-    """torch.load without executing code, after verify()."""
     advice = "delete it to fall back to an earlier one"
     verify(path, "checkpoint", advice)
     try:
@@ -210,7 +207,7 @@ def load(path):
 
 
 def files_named(folder, prefix="", suffix=""):
-    """Sorted paths of the files <prefix>...<suffix> in `folder` (no glob: folder names may hold [*?])."""
+    """Sorted paths of <prefix>...<suffix> in `folder` (no glob: folder names may hold [*?])."""
     try:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
@@ -241,8 +238,7 @@ def list_resume_checkpoints(outdir):
 
 
 def load_newest(outdir, required=("net",), paths=None):
-    """The newest checkpoint (of `paths`, newest first; default the per-epoch ones) that loads and has the required keys,
-    or None; broken ones are skipped with a warning."""
+    """The first of `paths` (default: epochs, newest first) that loads with the `required` keys, else None; warns on others."""
     for path in paths if paths is not None else [p for _, p in reversed(list_checkpoints(outdir))]:
         try:
             ckpt = load(path)
@@ -256,7 +252,7 @@ def load_newest(outdir, required=("net",), paths=None):
 
 
 def load_epoch(outdir, epoch=None, required=("net",)):
-    """The checkpoint of `epoch` (None: the newest valid one); UserError listing those that exist."""
+    """`epoch` None: the newest valid one; UserError listing those that exist."""
     folder = os.path.join(outdir, "checkpoints")
     if epoch is None:
         if (ckpt := load_newest(outdir, required)) is None:

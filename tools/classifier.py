@@ -21,8 +21,6 @@ SMALL_DATASET = 20000  # smaller training splits train on the CPU (deterministic
 
 
 class Classifier(torch.nn.Module):
-    """Three stages of two 3x3 convs with group norm and ReLU, global average pooling, a linear head."""
-
     def __init__(self, img_channels, num_classes, width=WIDTH):
         super().__init__()
         layers, c = [], img_channels
@@ -44,7 +42,6 @@ class Classifier(torch.nn.Module):
 
 
 def _fingerprint(images, labels):
-    """Hash of the training images and labels and of this file (the architecture and recipe)."""
     h = hashlib.sha256(images.contiguous().numpy().tobytes())
     h.update(labels.numpy().astype(np.int64).tobytes())
     with open(__file__, "rb") as f:
@@ -60,8 +57,7 @@ def _train(images, labels, num_classes, device):
     total = min(EPOCHS * (len(images) // batch), STEPS_MAX)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=total)
     g = torch.Generator().manual_seed(SEED)
-    x_all, y_all = images.to(device), labels.to(device)
-    step = 0
+    x_all, y_all, step = images.to(device), labels.to(device), 0
     while step < total:
         for idx in torch.randperm(len(images), generator=g).split(batch):
             if len(idx) < batch or step == total:

@@ -5,13 +5,13 @@ import sys
 
 
 class UserError(Exception):
-    """A mistake the user can fix; the message says how. Rank 0 alone prints it unless `shared` is False."""
+    """A mistake the user can fix, the message says how; rank 0 alone prints it unless `shared` is False."""
 
     shared = None
 
 
 class Stopped(Exception):
-    """Training stopped cleanly on a signal after writing a checkpoint; the message says how to resume."""
+    """Training stopped on a signal after writing a checkpoint; the message says how to resume."""
 
     def __init__(self, message, signum):
         super().__init__(message)
@@ -19,12 +19,10 @@ class Stopped(Exception):
 
 
 def first_line(error):
-    """What an exception says, in one line: the first line of its message, else its type's name."""
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def parse_numbers(text, flag):
-    """'1,1.5,2' -> [1.0, 1.5, 2.0]."""
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:
@@ -37,8 +35,7 @@ def parse_seeds(text):
     for part in text.split(","):
         lo, dash, hi = (s.strip() for s in part.partition("-"))
         if not (lo.isascii() and lo.isdigit() and (not dash or hi.isascii() and hi.isdigit() and int(lo) <= int(hi))):
-            raise UserError(f"--seeds must look like 0-49999 or 0,5,10-19 (non-negative integers, ranges low-high "
-                            f"with low <= high), got {text!r}")
+            raise UserError(f"--seeds must look like 0-49999 or 0,5,10-19 (non-negative integers, ranges low-high with low <= high), got {text!r}")
         seeds.update(range(int(lo), int(hi or lo) + 1))
     return sorted(seeds)
 

@@ -30,7 +30,6 @@ def _own(quality, ema):  # the run's own EMA, unguided, balanced class mix (samp
 
 
 def read_run(outdir):
-    """One table row: the run, its training speed, its quality and probe figures."""
     cfg_path = os.path.join(outdir, "config.yaml")
     if not os.path.exists(cfg_path):
         raise UserError(f"{outdir} is not a run directory (no config.yaml)")
@@ -46,11 +45,10 @@ def read_run(outdir):
         with open(path) as f:
             sweeps += json.load(f)
     ema, nll = cfg["sample"]["ema"], [r for r in metrics if r.get("kind") == "likelihood"]
-    row = dict(run=os.path.basename(os.path.normpath(outdir)), outdir=outdir, cfg=cfg, config=cfg["unet"][4:-3],
-               dataset=cfg["data"]["dataset"], params_M=parameter_count(cfg) / 1e6, ema=ema,
+    row = dict(run=os.path.basename(os.path.normpath(outdir)), outdir=outdir, cfg=cfg, config=cfg["unet"][4:-3], dataset=cfg["data"]["dataset"],
+               params_M=parameter_count(cfg) / 1e6, ema=ema, quality=quality, sweeps=sweeps, probes=read_probe_results(outdir),
                img_per_s=statistics.median(r["img_per_s"] for r in train_rows[1:] or train_rows) if train_rows else None,
-               kimg=max((r["kimg"] for r in train_rows), default=0.0), quality=quality, sweeps=sweeps,
-               probes=read_probe_results(outdir), evals=[r for r in metrics if r.get("kind") == "eval"],
+               kimg=max((r["kimg"] for r in train_rows), default=0.0), evals=[r for r in metrics if r.get("kind") == "eval"],
                curve=[r for r in metrics if r.get("kind") == "curve"], eval_summary=summarize_curves(metrics),
                # bits/dim: the newest epoch with the run's own EMA, its largest image count, Hutchinson before exact
                likelihood=max([r for r in nll if r["ema"] == ema] or nll, default=None,
@@ -90,9 +88,8 @@ def table(rows):
     for kind in [k for k, _ in collections.Counter(kind_of(r["final_quality"]) for r in scored).most_common()] or [None]:
         same = [r for r in scored if kind_of(r["final_quality"]) == kind]
         fd = kind[0] if kind else "FD"
-        lines.append("(no quality rows: run sample.py --score)" if kind is None else
-                     f"Quality: {kind[1]} samples per run, mean +- std over {kind[1] // kind[2]} seed blocks of {kind[2]}; "
-                     f"rank by {fd}, ties within the combined spread.")
+        lines.append("(no quality rows: run sample.py --score)" if kind is None else f"Quality: {kind[1]} samples per run, mean +- std over "
+                     f"{kind[1] // kind[2]} seed blocks of {kind[2]}; rank by {fd}, ties within the combined spread.")
         ranks = dict(zip(map(id, same), rank([(r["final_quality"][fd], r["final_quality"][fd + "_std"]) for r in same])))
         lines += ["", f"| rank | run | config | params | train img/s | kimg | {fd} | KID | precision | recall | memorised % | "
                   "requested-class acc % | probe test % (chosen on held-out train, of N) | best sigma_rel |"
@@ -115,7 +112,6 @@ def table(rows):
 
 
 def replicate_stats(r):
-    """The figures of one run that the replicates table averages."""
     q, s, out = r.get("final_quality"), r["eval_summary"] or {}, {}
     if q is not None:
         name = fd_key(q)
@@ -161,19 +157,16 @@ def replicates_table(rows):
 
 
 def curves_table(rows):
-    """Lines of the table of the training curves (train.eval_epochs)."""
     if not (with_curves := [r for r in rows if r["eval_summary"]]):
         return []
     lines = ["Training curves (train.eval_epochs): quality-curve KID by the dataset classifier, mean +- std over 4 seed blocks; "
              "validation loss at fixed noise levels and noise, beside an equally large subset of the training images.", "",
-             "| run | best KID (kimg) | curve samples | lowest val loss (kimg) | final val loss | final train-subset loss | gap |",
-             "|---" * 7 + "|"]
+             "| run | best KID (kimg) | curve samples | lowest val loss (kimg) | final val loss | final train-subset loss | gap |", "|---" * 7 + "|"]
     for r in with_curves:
         s = r["eval_summary"]
         kid = f"{s['best_KID']:.4f} +- {s['best_KID_std']:.4f} ({s['best_KID_kimg']:.1f})" if "best_KID" in s else "-"
-        val = ["-"] * 4 if "best_val_loss" not in s else [
-            f"{s['best_val_loss']:.4f} ({s['best_val_loss_kimg']:.1f})", f"{s['final_val_loss']:.4f}", f"{s['final_train_loss']:.4f}",
-            f"{s['final_gap']:+.4f} ({s['final_gap_pct']:+.1f}%)"]
+        val = ["-"] * 4 if "best_val_loss" not in s else [f"{s['best_val_loss']:.4f} ({s['best_val_loss_kimg']:.1f})", f"{s['final_val_loss']:.4f}",
+                                                          f"{s['final_train_loss']:.4f}", f"{s['final_gap']:+.4f} ({s['final_gap_pct']:+.1f}%)"]
         lines.append(f"| {r['run']} | {kid} | {str(r['curve'][-1]['count']) if r['curve'] else '-'} | " + " | ".join(val) + " |")
     return lines + [""]
 
@@ -190,8 +183,7 @@ def plots(rows, out):
                 x, y, err = zip(*sorted(pts))
                 fmt, color = style or ("o-", None)
                 ax.errorbar(x, y, yerr=err, fmt=fmt, color=color, capsize=3, label=label)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -219,7 +211,7 @@ def plots(rows, out):
 
 
 def compare(run_dirs, out=None):
-    """The table (out/compare.md, returned as text) and plots; out defaults to <parent of the first run>/compare."""
+    """(text of out/compare.md, paths written): the table and the plots."""
     rows = [read_run(r) for r in run_dirs]
     out = out or os.path.join(os.path.dirname(os.path.normpath(run_dirs[0])) or ".", "compare")
     text = table(rows)

@@ -1,7 +1,7 @@
-"""YAML configs: every key declared once (SCHEMA), `section.key=value` overrides, validation, building the network.
-A bad key or value stops the run here in one line, before anything is built (docs/DESIGN.md, Configs)."""
+"""YAML configs: every key declared once (SCHEMA), `section.key=value` overrides, validation, building the network."""
 
 import copy
+import functools
 import importlib
 import inspect
 import math
@@ -28,14 +28,12 @@ MIN_CURVE_SAMPLES = 40  # train.eval_samples: the quality curve's 4 seed blocks 
 # Allowed values.
 
 class Range:
-    """Numbers between `lo` and `hi` (None = unbounded), each bound closed or open: a number, another key of the
-    section (sample.sigma_max > sample.sigma_min), or a (value, text) pair."""
+    """Numbers from `lo` to `hi` (None = unbounded), each bound a number, another key of the section, or (value, text)."""
 
     def __init__(self, lo=None, hi=None, lo_open=False, hi_open=True):
         self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
 
     def holds(self, x, values):
-        """Whether x lies in the range; NaN lies in none."""
         lo, hi = (values[b] if isinstance(b, str) else b[0] if isinstance(b, tuple) else b for b in (self.lo, self.hi))
         return ((lo is None or (x > lo if self.lo_open else x >= lo))
                 and (hi is None or (x < hi if self.hi_open else x <= hi)))
@@ -51,23 +49,15 @@ class Range:
         return f"in {'(' if self.lo_open else '['}{text(self.lo)}, {text(self.hi)}{')' if self.hi_open else ']'}"
 
 
-def at_least(bound):
-    return Range(bound)
-
-
-def above(bound):
-    return Range(bound, lo_open=True)
-
-
 class Key:
-    """One config key: default (its type too), meaning, allowed values (`choices`, a `range`, or `each` and `length`
-    for a list of numbers). Numbers must be finite unless `infinite_ok`."""
+    """One config key: default (its type too), meaning, allowed values (`choices`, `range`, or `each` and `length` of a list)."""
 
     def __init__(self, default=None, meaning="", choices=None, range=None, each=None, length=(0, None), infinite_ok=False):
         self.default, self.meaning, self.choices = default, meaning, choices
         self.range, self.each, self.length, self.infinite_ok = range, each, length, infinite_ok
 
 
+at_least, above = Range, functools.partial(Range, lo_open=True)
 UNIT = Range(0, 1)                               # [0, 1)
 SIGMA_REL = Range(0, (12 ** -0.5, "1/sqrt(12)"), lo_open=True)  # where power-function profiles exist (tools/posthoc.py)
 
@@ -210,7 +200,6 @@ def _check_type(where, value, default):
 
 
 def _check_value(key, where, value, section, values, names):
-    """UserError unless `value` (its type checked) is one the Key allows."""
     if key.choices is not None and value not in key.choices:
         raise UserError(f"{where} must be one of {', '.join(key.choices)}, got {value!r}")
     if key.each is not None:
@@ -229,8 +218,7 @@ def _check_value(key, where, value, section, values, names):
 
 
 def check_ranges(section, values, names=None):
-    """UserError unless every key of `values` (one section, types checked) is allowed; `names` maps keys to what the
-    user typed instead of `section.key` ({'steps': '--steps'} for a flag)."""
+    """UserError unless every key of one section is allowed; `names` maps keys to what the user typed ({'steps': '--steps'})."""
     names = names or {}
     keys = {"network": NETWORK_KEYS, "diffusion": LOSS_KEYS}.get(section) or SCHEMA[section]
     for name, key in keys.items():
@@ -239,8 +227,7 @@ def check_ranges(section, values, names=None):
 
 
 def _check_network(net):
-    """Beyond the ranges: whole sizes, a resolution that halves evenly at every level (a 6x6 image with three levels
-    would meet its 3x3 skip at 2x2), attention where a level is."""
+    """Beyond the ranges: whole sizes, a resolution that halves evenly at every level, attention where a level is."""
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     for key in INTEGER_NETWORK_KEYS:
         if net.get(key) is not None and not is_int(net[key]):
@@ -282,8 +269,7 @@ def _check_augment(cfg):
 # Network files.
 
 def constructor_defaults(cls):
-    """The arguments of a class's constructor with their defaults (None where there is none): the keys of a section.
-    A constructor that passes **kwargs on to its base class (a loss subclass) also takes the base class's."""
+    """A section's keys: the constructor's arguments and defaults (None if none), with the base's where **kwargs passes on."""
     params = inspect.signature(cls.__init__).parameters
     out = {k: (None if p.default is p.empty else p.default) for k, p in params.items() if k != "self" and p.kind != p.VAR_KEYWORD}
     base = cls.__mro__[1]
@@ -299,8 +285,7 @@ def loss_class(name):
 
 
 def load_unet_class(unet_file):
-    """The UNet class of a top-level unet*.py (imported by name: the repository root must be on the import path). No
-    other module is imported: `unet: sample.py` would run its side effects before failing."""
+    """The UNet class of a top-level unet*.py; no other module is imported (`unet: sample.py` would run its side effects)."""
     allowed = sorted(f for f in os.listdir(ROOT) if f.startswith("unet") and f.endswith(".py") and os.path.isfile(os.path.join(ROOT, f)))
     if unet_file not in allowed:
         raise UserError(f"unet: {unet_file!r} is not a network file; allowed: {', '.join(allowed)}")

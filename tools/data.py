@@ -43,10 +43,9 @@ def _digits(split, resolution):
     """scikit-learn's digits (1,797 8x8 images, values 0..16), a fixed 1,497 / 300 split, resized bilinearly."""
     from sklearn.datasets import load_digits  # lazy: seconds of start-up
     d = load_digits()
-    images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]
     order = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(2024))
     idx = order[:1497] if split == "train" else order[1497:]
-    images = images[idx]
+    images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None][idx]
     if images.shape[-1] != resolution:
         images = torch.nn.functional.interpolate(images.float(), size=(resolution, resolution), mode="bilinear", antialias=True,
                                                  align_corners=False).round().clamp(0, 255).to(torch.uint8)

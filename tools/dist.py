@@ -10,24 +10,22 @@ import torch.distributed as dist
 from tools.cli import UserError
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a shared collective waits this long for a rank that died or hangs
-# Waits for rank 0's work alone (a dataset classifier, Inception statistics, a post-hoc EMA) go through a gloo group with
-# this timeout: NCCL's watchdog aborts a job whose ranks sit in an NCCL collective for longer than TIMEOUT.
+# Waits for rank 0's work alone (classifier, Inception statistics, post-hoc EMA) use gloo: NCCL's watchdog aborts at TIMEOUT.
 WAIT_TIMEOUT = datetime.timedelta(hours=24)
 _waits = None  # the gloo group of broadcast(), on_rank0(), barrier() and max_over_ranks()
 
 
 def check_launcher(environ=os.environ):
-    """UserError when SLURM started several tasks of a script without torchrun: each would think it is alone."""
+    """UserError when SLURM started several tasks without torchrun: each would think it is alone."""
     tasks = int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
     if "RANK" not in environ and tasks > 1:
-        raise UserError(f"srun started {tasks} independent copies of this script, which would all write one run directory; "
-                        "run one task per node that calls torchrun instead: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES "
-                        "--nproc_per_node=GPUS_PER_NODE --rdzv-backend=c10d --rdzv-endpoint=$(scontrol show hostnames | head -n1):29500 "
-                        "SCRIPT ARGS (README: Launching)")
+        raise UserError(f"srun started {tasks} independent copies of this script, all writing one run directory; run one task per node "
+                        "that calls torchrun instead: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc_per_node=GPUS_PER_NODE "
+                        "--rdzv-backend=c10d --rdzv-endpoint=$(scontrol show hostnames | head -n1):29500 SCRIPT ARGS (README: Launching)")
 
 
 def init():
-    """Start the process group when launched by torchrun. Returns (rank, world_size, device)."""
+    """(rank, world_size, device); starts the process group when launched by torchrun."""
     global _waits
     check_launcher()
     world_size, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
@@ -45,8 +43,7 @@ def init():
 
 @contextlib.contextmanager
 def session():
-    """init() for an entry point; the call that started the group shuts it down, after a normal exit once every rank
-    is done (docs/DESIGN.md)."""
+    """init(); the call that started the group shuts it down, after a normal exit once every rank is done (docs/DESIGN.md)."""
     owner = not dist.is_initialized()
     try:
         yield init()
@@ -67,14 +64,13 @@ def world_size():
 
 
 def all_reduce_sum(tensor):
-    """Sum a tensor over ranks in place (no-op on one process); returns it."""
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
 
 
 def max_over_ranks(values):
-    """The elementwise maximum of a list of numbers over the ranks, through the CPU wait group: no device sync."""
+    """Elementwise, through the CPU wait group: no device sync."""
     flags = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_waits)
@@ -82,16 +78,14 @@ def max_over_ranks(values):
 
 
 def broadcast(obj):
-    """Rank 0's value of a picklable object, on every rank."""
+    box = [obj]
     if dist.is_initialized():
-        box = [obj]
         dist.broadcast_object_list(box, src=0, group=_waits)
-        return box[0]
-    return obj
+    return box[0]
 
 
 def on_rank0(fn, *args, **kwargs):
-    """fn(...) run by rank 0 alone, its result broadcast; a UserError there is raised on every rank with the same line."""
+    """fn(...) run by rank 0 alone, its result broadcast; its UserError is raised on every rank with the same line."""
     result, error = None, None
     if rank() == 0:
         try:

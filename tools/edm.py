@@ -1,13 +1,11 @@
-"""EDM preconditioning D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) and the training loss (Karras et al. 2022,
-Table 1; EDM2 eq. 21). A config's `loss:` names a class of LOSSES; its `diffusion` section holds the arguments."""
+"""EDM preconditioning D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) and the loss (EDM Table 1; EDM2 eq. 21)."""
 
 import numpy as np
 import torch
 
 
 class Denoiser(torch.nn.Module):
-    """D(x; sigma) for a U-Net F; x and the output are in image space ([-1, 1] data), float32. The conditioning
-    (class_labels, augment_labels, dropout_keys: whatever the network takes) is passed on to it as keywords."""
+    """D(x; sigma) for a U-Net F, float32 in image space; the conditioning (class_labels, ...) is passed on as keywords."""
 
     def __init__(self, net, sigma_data=0.5):
         super().__init__()
@@ -27,9 +25,7 @@ class Denoiser(torch.nn.Module):
 
 
 class EDMLoss(torch.nn.Module):
-    """Denoising loss at ln(sigma) ~ N(P_mean, P_std^2): 'scaled' lambda(sigma) (D - y)^2; 'uncertainty' lambda / e^u
-    (D - y)^2 + u, u(sigma) learned (EDM2 eq. 21). The mean over C*H*W per sample, so the logged loss is O(1) at any
-    image size (with Adam, only eps sees the scale)."""
+    """Loss at ln(sigma) ~ N(P_mean, P_std^2): lambda (D - y)^2, or lambda / e^u (D - y)^2 + u (EDM2 eq. 21), meaned over C*H*W."""
 
     WEIGHTINGS = ("uncertainty", "scaled")
 
@@ -65,8 +61,7 @@ class EDMLoss(torch.nn.Module):
             return self.logvar_linear(features).flatten()
 
     def forward(self, denoiser, images, normals, **conditioning):
-        """(per-sample loss [N], sigma [N]) at noise levels and noise drawn from `normals` (tools.rng.StepNormals
-        rows): the first request gives the noise levels, the second the noise."""
+        """(per-sample loss [N], sigma [N]); `normals` (StepNormals rows) give the noise levels first, then the noise."""
         sigma = self.sigma(normals.randn())
         return self.at(denoiser, images, sigma, normals.randn(*images.shape[1:]), **conditioning), sigma
 
@@ -97,5 +92,4 @@ class EDM(torch.nn.Module):
         return self.denoiser.net
 
     def forward(self, images, normals, **conditioning):
-        """(per-sample loss [N], sigma [N]); `normals` are this micro-batch's rows of the step's draws."""
         return self.loss(self.denoiser, images, normals, **conditioning)

@@ -23,8 +23,6 @@ def _ema(net):
 
 
 class EMAs:
-    """The classic EMA and the power-function EMAs of one network."""
-
     def __init__(self, net, ema_cfg):
         self.halflife_img = ema_cfg["classic_halflife_kimg"] * 1000
         self.rampup_ratio = ema_cfg["classic_rampup_ratio"]

@@ -1,5 +1,4 @@
-"""Post-hoc EMA sweep: reconstruct several sigma_rel from a run's snapshots, sample, score and probe each, and plot the
-metrics against sigma_rel (OUTDIR/ema_sweep_epoch_<N>.{json,png}).
+"""Post-hoc EMA sweep: reconstruct several sigma_rel from a run's snapshots, sample, score and probe each, plot against sigma_rel.
 
     python -m tools.ema_sweep --outdir runs/demo/E --sigma-rels 0.03,0.05,0.075,0.1,0.15
     torchrun --nproc_per_node=8 -m tools.ema_sweep --outdir runs/cifar10-E --num-images 10000 sample.batch=512

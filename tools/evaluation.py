@@ -1,5 +1,4 @@
-"""Evaluation every train.eval_epochs: validation loss beside training loss (their gap: memorisation), a quality curve
-(docs/EVALUATION.md).
+"""Every train.eval_epochs: validation beside training loss (their gap: memorisation), a quality curve (docs/EVALUATION.md).
 
     python -m tools.evaluation --outdir RUN [--epoch N] [--samples 1000]   # one checkpoint, after the fact
 """
@@ -34,15 +33,9 @@ QUALITY_BLOCKS = 4          # seed blocks of the quality curve (mean +- std, as 
 
 
 def fixed_subset(num_images, n, split):
-    """Sorted indices of a fixed random subset of n of num_images images."""
     if n >= num_images:
         return torch.arange(num_images)
     return torch.randperm(num_images, generator=generator(EVALUATION, split, num_images, n))[:n].sort().values
-
-
-def fixed_noise(split, indices, shape, device):
-    """The noise [len(indices), *shape] of each image of a split, the same on any device or batch."""
-    return image_normals((EVALUATION, split), indices, shape, device)
 
 
 def my_chunks(count, chunk, rank, world):
@@ -77,8 +70,7 @@ class Evaluator:
             if train["eval_inception"]:
                 weights = find_inception_weights()  # local only: a training run never downloads
                 if weights is None:
-                    log(f"quality curve: no local Inception weights (FID_INCEPTION_WEIGHTS or {WEIGHTS_FILE} in the torch "
-                        f"hub cache), so no Inception FID on it")
+                    log(f"quality curve: no Inception FID (no local weights: FID_INCEPTION_WEIGHTS or {WEIGHTS_FILE} in the torch hub cache)")
                 else:
                     ref = fid.auto_reference(cfg, weights, device)  # collective: computed once, spread over the ranks
                     dist.on_rank0(self._load_inception, weights, ref)
@@ -106,8 +98,8 @@ class Evaluator:
         at = dict(epoch=epoch, kimg=t_img / 1000)
         if self.splits:
             val, train = (self.losses(denoiser, loss_fn, split, amp) for split in (HELDOUT, TRAIN))
-            rows.append(dict(kind="eval", **at, val_loss=float(np.mean(val)), train_loss=float(np.mean(train)),
-                             gap=float(np.mean(val) - np.mean(train)), sigmas=self.sigmas, val_loss_by_sigma=val,
+            v, t = float(np.mean(val)), float(np.mean(train))
+            rows.append(dict(kind="eval", **at, val_loss=v, train_loss=t, gap=v - t, sigmas=self.sigmas, val_loss_by_sigma=val,
                              train_loss_by_sigma=train, images=len(self.splits[HELDOUT][2]), ema="classic"))
         if self.num_samples:
             samples, classes = self.samples(denoiser)
@@ -129,13 +121,12 @@ class Evaluator:
         return rows if self.rank == 0 else []
 
     def losses(self, denoiser, loss_fn, split, amp):
-        """Mean loss at each of the sigmas over the split's evaluation images."""
         images, labels, idx = self.splits[split]
         n, shape = len(images), images.shape[1:]
         per_image = torch.zeros(len(self.sigmas), n, device=self.device)
         for s in my_chunks(n, self.chunk, self.rank, self.world):
             y = to_float(images[s])
-            noise = fixed_noise(split, idx[s].tolist(), shape, self.device)
+            noise = image_normals((EVALUATION, split), idx[s].tolist(), shape, self.device)
             class_labels = one_hot(labels[s].tolist(), self.label_dim, self.device) if self.label_dim else None
             for j, sigma in enumerate(self.sigmas):
                 with amp():
@@ -148,8 +139,7 @@ class Evaluator:
         """(uint8 samples [eval_samples, C, H, W] of seeds 0, 1, ..., their classes or None), on every rank."""
         n, net_cfg = self.num_samples, self.cfg["network"]
         shape = (net_cfg["img_channels"], net_cfg["img_resolution"], net_cfg["img_resolution"])
-        K = net_cfg["label_dim"]
-        out = torch.zeros(n, *shape, dtype=torch.int32, device=self.device)
+        out, K = torch.zeros(n, *shape, dtype=torch.int32, device=self.device), net_cfg["label_dim"]
         for s in my_chunks(n, self.chunk, self.rank, self.world):
             seeds = list(range(s.start, s.stop))
             out[s] = to_uint8(sample_seeds(denoiser, self.cfg, seeds, self.device, seed_classes(seeds, K))).to(torch.int32)
@@ -162,12 +152,11 @@ def describe(row):
         return (f"validation loss {row['val_loss']:.4f}, training subset {row['train_loss']:.4f}, gap {row['gap']:+.4f} "
                 f"({row['images']} images each)")
     fd = fd_key(row)
-    return (f"KID {row['KID']:.5f} +- {row['KID_std']:.5f}, {fd} {row[fd]:.3f} +- {row[fd + '_std']:.3f} "
-            f"({row['count']} samples)")
+    return f"KID {row['KID']:.5f} +- {row['KID_std']:.5f}, {fd} {row[fd]:.3f} +- {row[fd + '_std']:.3f} ({row['count']} samples)"
 
 
 def summarize_curves(rows):
-    """The best curve KID, the lowest validation loss (with where each was reached) and the final gap, from metrics rows."""
+    """The best curve KID, the lowest validation loss (each with where) and the final gap of metrics rows."""
     evals = [r for r in rows if r.get("kind") == "eval"]
     curve = [r for r in rows if r.get("kind") == "curve"]
     if not evals and not curve:
@@ -191,16 +180,13 @@ def summary_lines(s):
         lines.append(f"best quality-curve KID {s['best_KID']:.5f} +- {s['best_KID_std']:.5f} at {s['best_KID_kimg']:.1f} kimg "
                      f"(epoch {s['best_KID_epoch']}; {s['curve_points']} points, final {s['final_KID']:.5f})")
     if "best_val_loss" in s:
-        lines.append(f"validation loss lowest at {s['best_val_loss_kimg']:.1f} kimg ({s['best_val_loss']:.4f}); final "
-                     f"{s['final_val_loss']:.4f} vs {s['final_train_loss']:.4f} on training images: gap {s['final_gap']:+.4f} "
-                     f"({s['final_gap_pct']:+.1f}%)")
+        lines.append(f"validation loss lowest at {s['best_val_loss_kimg']:.1f} kimg ({s['best_val_loss']:.4f}); final {s['final_val_loss']:.4f} "
+                     f"vs {s['final_train_loss']:.4f} on training images: gap {s['final_gap']:+.4f} ({s['final_gap_pct']:+.1f}%)")
     return lines
 
 
 def main(argv=None):
-    """The rows of one checkpoint's evaluation, as during training, printed as JSON lines."""
-    p = argparse.ArgumentParser(prog="python -m tools.evaluation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_flags(p)
     p.add_argument("--samples", type=int, default=0, help="also a quality-curve point from this many samples (default 0: none)")
     args = p.parse_args(argv)
@@ -211,8 +197,7 @@ def main(argv=None):
         edm = build_edm(cfg).to(device)
         edm.net.load_state_dict(ckpt["emas"]["classic"])
         edm.loss.load_state_dict(ckpt["loss_head"])
-        evaluator = Evaluator(cfg, *trained_images(cfg), rank, world, device)
-        for row in evaluator(edm.net, edm.loss, ckpt["t_img"], ckpt["epoch"]):
+        for row in Evaluator(cfg, *trained_images(cfg), rank, world, device)(edm.net, edm.loss, ckpt["t_img"], ckpt["epoch"]):
             print(json.dumps(row), flush=True)
 
 

@@ -2,7 +2,6 @@
 
     python -m tools.fid ref --config config/cifar10/E.yaml --out refs/cifar10-train.npz   # torchrun -m works too
     python -m tools.fid score runs/cifar10-E/samples/epoch_1999-classic-heun18-bf16 refs/cifar10-train.npz
-    python -m tools.fid compare A.npz B.npz                                               # FID of two statistics files
 """
 
 if __name__ == "__main__" and not __package__:
@@ -71,7 +70,6 @@ class FeatureStats:
         return self
 
     def mu_sigma(self):
-        """Mean and unbiased covariance (ddof = 1, as pytorch-fid), float64 numpy."""
         if self.num < 2:
             raise UserError(f"FID needs at least 2 images, got {self.num}")
         mu = self.sum / self.num
@@ -208,7 +206,6 @@ def main(argv=None):
     compare.add_argument("a", metavar="A.npz")
     compare.add_argument("b", metavar="B.npz")
     args = p.parse_args(argv)
-
     if args.command == "compare":
         (mu1, sigma1, _), (mu2, sigma2, _) = load_stats(args.a), load_stats(args.b)
         print(repr(frechet_distance(mu1, sigma1, mu2, sigma2)))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tools import dist, fid, quality
-from tools.checkpoint import append_text, write_json
+from tools.checkpoint import append_text, read_json, write_json
 from tools.cli import UserError
 from tools.data import to_uint8
 from tools.edm import Denoiser
@@ -41,8 +41,7 @@ def sample_seeds(denoiser, cfg, seeds, device, classes=None, stats=None):
 
 
 def grid_layout(label_dim, num=PREVIEW_IMAGES):
-    """(class of each grid image or None, images per row) for at most `num` images: a row per class where rows fit
-    (K <= 8: 8 rows of 8; K <= num / 2: K rows of num // K), else image k of class k % K."""
+    """(class of each grid image or None, images per row): a row per class where rows fit (K <= num / 2), else class k % K."""
     if not label_dim:
         return None, 8
     if label_dim > num // 2:
@@ -135,8 +134,7 @@ def guided(cfg, denoiser, guidance, guide, guide_ema, device, compile=False):
         guide_denoiser, guide_labels, run = load_guide(cfg, guide, guide_ema, device)
         if compile:
             guide_denoiser.net.compile()
-        tag = (f"-auto{guidance:g}-{os.path.basename(os.path.normpath(run['guide']))}-epoch_{run['guide_epoch']}-"
-               f"{run['guide_ema'].replace('=', '')}")
+        tag = f"-auto{guidance:g}-{os.path.basename(os.path.normpath(run['guide']))}-epoch_{run['guide_epoch']}-{run['guide_ema'].replace('=', '')}"
         return GuidedDenoiser(denoiser, guide_denoiser, guidance, guide_labels), tag, run
     if guidance != 1:
         if not cfg["train"]["label_dropout"]:
@@ -151,10 +149,7 @@ def guided(cfg, denoiser, guidance, guide, guide_ema, device, compile=False):
 def measured_nfe(out, evaluations, images):
     """Mean evaluations per image of an adaptive sampler's folder, summed in <out>.nfe.json over every run into it."""
     path = f"{out}.nfe.json"
-    total = {"evaluations": 0.0, "images": 0}
-    if os.path.exists(path):
-        with open(path) as f:
-            total = json.load(f)
+    total = read_json(path) or {"evaluations": 0.0, "images": 0}
     if images:
         total = {"evaluations": total["evaluations"] + evaluations, "images": total["images"] + int(images)}
         write_json(path, total)
@@ -232,7 +227,6 @@ class Scoring:
         return bool(self.fid) or (self.quality and self.extractor(cfg) == "inception")
 
     def check(self, cfg, seeds):
-        """One-line errors before any sampling."""
         if self.blocks < 2:
             raise UserError(f"--score-blocks must be >= 2 (the spread of a metric needs two blocks), got {self.blocks}")
         if self.quality and len(seeds) < 10 * self.blocks:  # quality.Scorer.score: blocks of >= 10 images
@@ -256,10 +250,9 @@ def score(cfg, outdir, out, seeds, run, device, scoring):
     if dist.rank() != 0:
         return
     if scoring.quality and (extractor == "classifier" or weights is not None):
-        classes = read_labels(out, seeds) if cfg["network"]["label_dim"] else None
         result = quality.score_samples(cfg, read_pngs(out, seeds), extractor, device, blocks=scoring.blocks,
                                        pairs_path=f"{out}.nearest_pairs.png", inception_weights=weights, inception_ref=ref,
-                                       classes=classes)
+                                       classes=read_labels(out, seeds) if cfg["network"]["label_dim"] else None)
         result.update(run, kind="quality")
         write_json(f"{out}.quality.json", result)
         append_text(os.path.join(outdir, "metrics.jsonl"), json.dumps(result) + "\n")

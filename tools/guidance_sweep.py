@@ -1,22 +1,17 @@
 """Guidance sweep: sample and score a run at several guidance weights W, then tabulate and plot quality against W.
 
-    python -m tools.guidance_sweep --outdir runs/digits-E-cond --weights 1,1.5,2,3              # classifier-free
     python -m tools.guidance_sweep --outdir runs/digits-E-cond --weights 1,1.5,2,3 --guide runs/digits-E-cond:5
     torchrun --nproc_per_node=8 -m tools.guidance_sweep --outdir runs/cifar10-E-cond --num-images 10000
-
-W = 1 is unguided; without --guide, classifier-free guidance; with it, autoguidance (docs/GUIDANCE.md). Each sweep goes
-to OUTDIR/guidance_sweep_epoch_<N>-<guide>.json; OUTDIR/guidance_sweep_epoch_<N>.png draws every sweep of the epoch.
 """
 
 if __name__ == "__main__" and not __package__:
     raise SystemExit("run this from the repository root as: python -m tools.guidance_sweep ...")
 
 import functools
-import json
 import os
 
 from tools import sweep
-from tools.checkpoint import files_named, write_json
+from tools.checkpoint import files_named, read_json, write_json
 from tools.cli import parse_numbers, run_main
 from tools.generate import Guidance
 
@@ -31,10 +26,7 @@ def write(outdir, epoch, results):
     print(sweep.table(f"Guidance sweep ({name}): {rows[0]['count']} samples per W, mean +- std over seed blocks.", rows,
                       [("W", lambda r: f"{r['guidance']:g}")],
                       [("requested-class acc %", lambda r: sweep.pm(r, "class_accuracy", ".1f", 100))]), end="")
-    sweeps = {}
-    for path in files_named(outdir, f"{os.path.basename(base)}-", ".json"):
-        with open(path) as f:
-            sweeps[path[len(base) + 1:-len(".json")]] = json.load(f)
+    sweeps = {path[len(base) + 1:-len(".json")]: read_json(path) for path in files_named(outdir, f"{os.path.basename(base)}-", ".json")}
     panels = [(rows[0]["fd_name"], {k: sweep.points(v, "guidance", "fd") for k, v in sweeps.items()})]
     if any("class_accuracy" in r for r in rows):
         panels.append(("requested-class accuracy", {k: sweep.points(v, "guidance", "class_accuracy") for k, v in sweeps.items()}))

@@ -51,7 +51,6 @@ def inception_weights_or_none(path=None):
 def build_inception(weights_path=None, random_weights=False, device="cpu"):
     """pytorch-fid's FID Inception-v3 from a local weights file (random_weights: a fixed random one, for tests)."""
     import pytorch_fid.inception as fid_inception  # lazy: seconds of start-up
-
     if random_weights:
         path, state_dict, extractor = "random weights", random_inception_state_dict(), "inception-v3-RANDOM"
     else:
@@ -68,15 +67,13 @@ def build_inception(weights_path=None, random_weights=False, device="cpu"):
         raise UserError(f"{path}: not pytorch-fid's Inception weights ({first_line(e)}); get {WEIGHTS_URL}") from None
     finally:
         fid_inception.load_state_dict_from_url = fetch
-    model.extractor = extractor
+    model.extractor, model.name = extractor, "inception"
     return model.eval().requires_grad_(False).to(device)
 
 
 def random_inception_state_dict(seed=0):
-    """A random state dict of pytorch-fid's FID Inception, built as fid_inception_v3 builds it."""
     import torchvision  # lazy: seconds of start-up, and only scoring needs it
     from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2  # lazy: as torchvision
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = torchvision.models.inception.Inception3(num_classes=1008, aux_logits=False, init_weights=False)

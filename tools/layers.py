@@ -19,8 +19,7 @@ def resample(x, mode="keep"):
 
 
 def cosine_attention(qkv, num_heads):
-    """Self-attention over pixels, q, k, v normalised per head (cosine attention, EDM2 Config C): [N, 3C, H, W] ->
-    [N, C, H, W]. Contiguous along c, the layout of the flash kernels (a transposed view takes the math kernel)."""
+    """Cosine attention over pixels (EDM2 Config C), [N, 3C, H, W] -> [N, C, H, W]; contiguous along c for the flash kernels."""
     N, C3, H, W = qkv.shape
     C = C3 // 3
     qkv = qkv.reshape(N, num_heads, C // num_heads, 3, H * W).permute(0, 1, 3, 4, 2)  # [N, heads, 3, HW, c]
@@ -39,8 +38,7 @@ def group_norm(x, num_groups=32, min_channels_per_group=4):
 
 
 def sample_dropout(x, p, keys, salt):
-    """Dropout with sample i's mask a function of (keys[i], salt, element): the same for any rank or micro-batch split
-    (keys drawn for the global batch); salt tells layers apart. keys=None: torch's dropout."""
+    """Dropout with sample i's mask a function of (keys[i], salt, element), split-invariant; keys=None: torch's dropout."""
     if keys is None:
         return F.dropout(x, p=p)
     idx = mix32(torch.arange(x[0].numel(), device=x.device, dtype=torch.int64))

@@ -1,8 +1,6 @@
-"""Bits per dimension of the held-out split from the probability-flow ODE (Karras et al. 2022, eq. 1) by the
-instantaneous change of variables; method, accuracy and bounds in docs/INSTRUMENTS.md.
+"""Bits per dimension of the held-out split from the probability-flow ODE (Karras et al. 2022, eq. 1); docs/INSTRUMENTS.md.
 
-    python -m tools.likelihood --outdir runs/digits-E [--epoch N] [--ema sigma_rel=0.1] [--num-images 1000]
-    python -m tools.likelihood --outdir runs/digits-E --exact --num-images 20      # exact divergence (small images)
+    python -m tools.likelihood --outdir runs/digits-E [--epoch N] [--ema sigma_rel=0.1] [--num-images 1000] [--exact]
     torchrun --nproc_per_node=8 -m tools.likelihood --outdir runs/cifar10-E         # images spread over the GPUs
 """
 
@@ -26,7 +24,7 @@ from tools.cli import UserError, run_main
 from tools.data import load_dataset, to_float
 from tools.edm import Denoiser
 from tools.precision import matmul_precision
-from tools.probe_features import gather_strided, log
+from tools.probe_features import gather_strided
 from tools.rng import LIKELIHOOD, image_normals
 from tools.runs import load_net, open_run, run_flags, run_session
 from tools.sampler import one_hot
@@ -55,8 +53,6 @@ DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100
 DP_E = tuple(b5 - b4 for b5, b4 in zip((*DP_A[6], 0.0), DP_B4))  # local error estimate: 5th- minus 4th-order step
 
 
-# The ODE and its divergence.
-
 def probe_terms(denoiser, x, t, labels, probes):
     """(F [N, ...], v^T (dF/dx) v [N, K]) for probes v [N, K, *x.shape[1:]]; F = dx/dt = x - D(x; e^t) in t = ln sigma."""
     k = probes.shape[1]
@@ -74,25 +70,19 @@ def exact_divergence(denoiser, x, t, labels):
     dim, div = x[0].numel(), 0
     for start in range(0, dim, EXACT_CHUNK):
         idx = torch.arange(start, min(start + EXACT_CHUNK, dim), device=x.device)
-        basis = torch.zeros(len(idx), dim, device=x.device, dtype=x.dtype)
-        basis[torch.arange(len(idx)), idx] = 1
-        basis = basis.view(1, len(idx), *x.shape[1:]).expand(len(x), -1, *x.shape[1:])
+        basis = torch.nn.functional.one_hot(idx, dim).to(x.dtype).view(1, len(idx), *x.shape[1:]).expand(len(x), -1, *x.shape[1:])
         f, terms = probe_terms(denoiser, x, t, labels, basis)
         div = div + terms.sum(1)
     return f, div
 
 
-# Dormand-Prince 5(4) with a step size per image.
-
-def _combine(k, weights, h):
-    """h * sum_j w_j k_j for stage derivatives k (a list of [N, ...]) and steps h [N]."""
+def _combine(k, weights, h):  # h * sum_j w_j k_j of stage derivatives k [N, ...] and steps h [N]
     total = sum(w * kj.to(torch.float64) for w, kj in zip(weights, k) if w)
     return h.view(-1, *[1] * (total.ndim - 1)) * total
 
 
 def dopri5(fn, x, t0, t1, rtol=RTOL, atol=ATOL):
-    """Integrate dx/dt, dl/dt = fn(index, x, t) from t0 to t1 (l(t0) = 0), each image n with its own step size;
-    fn gets the indices of the images it is called for. Returns (x(t1), l(t1) [N] float64, evaluations [N])."""
+    """(x(t1), l(t1) [N] float64, evaluations [N]) of dx/dt, dl/dt = fn(image indices, x, t), l(t0) = 0, a step size per image."""
     n, dev = len(x), x.device
     t = torch.full((n,), float(t0), dtype=torch.float64, device=dev)
     h = torch.full((n,), min(FIRST_STEP, t1 - t0), dtype=torch.float64, device=dev)
@@ -130,11 +120,8 @@ def dopri5(fn, x, t0, t1, rtol=RTOL, atol=ATOL):
     return x, l, evals
 
 
-# Per-image log-likelihood and bits per dimension.
-
 def log_likelihood(denoiser, x, sigma_min, sigma_max, labels=None, probes=None, rtol=RTOL, atol=ATOL):
-    """(log p(x) [N] in nats, evaluations [N]) of images x under the density at sigma_min (Song et al. 2021, eq. 39).
-    probes: Rademacher [N, K, C, H, W] for Hutchinson's estimator (Grathwohl et al. 2019, eq. 7), None: exact."""
+    """(log p(x) [N] nats, evaluations [N]) at sigma_min (Song et al. 2021, eq. 39); probes [N, K, C, H, W]: Hutchinson, None: exact."""
     def fn(idx, xs, ts):
         y = None if labels is None else labels[idx]
         if probes is None:
@@ -173,12 +160,8 @@ def image_bits(denoiser, images, labels, indices, sigma_min, sigma_max, exact=Fa
     return bits_per_dim(log_p, images[0].numel()), evals
 
 
-# The job.
-
-def likelihood(cfg, outdir, device, epoch=None, ema=None, num_images=None, exact=False, probes=1, rtol=RTOL, atol=ATOL,
-               batch=BATCH):
-    """The row of bits/dim (mean +- standard error) of the first num_images test images; collective, rank 0 writes it to
-    metrics.jsonl and OUTDIR/checkpoints/epoch_<N>.likelihood.json[key] (with the per-image values)."""
+def likelihood(cfg, outdir, device, epoch=None, ema=None, num_images=None, exact=False, probes=1, rtol=RTOL, atol=ATOL, batch=BATCH):
+    """Bits/dim row (mean +- se) of the first num_images test images; collective; rank 0 appends it to metrics.jsonl and epoch_<N>.likelihood.json."""
     ema = ema or cfg["sample"]["ema"]
     images, classes = load_dataset(cfg, "test")
     num_images = len(images) if num_images is None else num_images
@@ -187,7 +170,7 @@ def likelihood(cfg, outdir, device, epoch=None, ema=None, num_images=None, exact
     net, info = load_net(cfg, outdir, epoch, ema, device)
     s, label_dim, start = cfg["sample"], cfg["network"]["label_dim"], time.time()
     denoiser = Denoiser(net, cfg["diffusion"]["sigma_data"])
-    mine = torch.arange(dist.rank(), num_images, dist.world_size())  # rank r: images r, r + world, ...
+    mine = torch.arange(dist.rank(), num_images, dist.world_size())
     bits, evals = [torch.empty(0, dtype=torch.float64, device=device)], [torch.empty(0, dtype=torch.int64, device=device)]
     for first in range(0, len(mine), batch):
         idx = mine[first:first + batch]
@@ -196,7 +179,7 @@ def likelihood(cfg, outdir, device, epoch=None, ema=None, num_images=None, exact
             b, e = image_bits(denoiser, images[idx], labels, idx, s["sigma_min"], s["sigma_max"], exact, probes, rtol, atol)
         bits.append(b)
         evals.append(e)
-        log(f"likelihood: {min(first + batch, len(mine))}/{len(mine)} images of rank 0, {time.time() - start:.1f} s")
+        dist.print0(f"likelihood: {min(first + batch, len(mine))}/{len(mine)} images of rank 0, {time.time() - start:.1f} s", file=sys.stderr)
     per_image = gather_strided(torch.cat(bits), num_images).tolist()
     evals = gather_strided(torch.cat(evals), num_images).to(torch.float64)
     mean = math.fsum(per_image) / num_images
@@ -204,23 +187,19 @@ def likelihood(cfg, outdir, device, epoch=None, ema=None, num_images=None, exact
     divergence = "exact" if exact else f"hutchinson-{probes}"
     row = dict(kind="likelihood", bits_per_dim=mean, bits_per_dim_se=se, num_images=num_images, split="test", epoch=info["epoch"],
                kimg=info["t_img"] / 1000, t_img=info["t_img"], ema=ema, divergence=divergence, probes=None if exact else probes,
-               solver="dopri5", rtol=rtol, atol=atol, sigma_min=s["sigma_min"], sigma_max=s["sigma_max"],
-               prior_variance=s["sigma_max"] ** 2 + denoiser.sigma_data ** 2, dequantization="uniform",
-               conditional=bool(label_dim), evaluations_mean=evals.mean().item(), seconds=time.time() - start,
-               world_size=dist.world_size(),
+               solver="dopri5", rtol=rtol, atol=atol, sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], dequantization="uniform",
+               prior_variance=s["sigma_max"] ** 2 + denoiser.sigma_data ** 2, conditional=bool(label_dim),
+               evaluations_mean=evals.mean().item(), seconds=time.time() - start, world_size=dist.world_size(),
                key=f"{ema}/{divergence}/n={num_images}/dopri5-rtol={rtol:g}-atol={atol:g}/sigma={s['sigma_min']:g}-{s['sigma_max']:g}")
     if dist.rank() == 0:  # one entry per setting in the epoch's file, the others kept
         path = os.path.join(outdir, "checkpoints", f"epoch_{row['epoch']}.likelihood.json")
-        entries = read_json(path)
-        entries[row["key"]] = dict(row, per_image_bits_per_dim=per_image)
-        write_json(path, entries)
+        write_json(path, {**read_json(path), row["key"]: dict(row, per_image_bits_per_dim=per_image)})
         append_text(os.path.join(outdir, "metrics.jsonl"), json.dumps(row) + "\n")
     return row
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tools.likelihood", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.likelihood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_flags(p)
     p.add_argument("--ema", help="classic | online | sigma_rel=X (default: sample.ema)")
     p.add_argument("--num-images", type=int, help="the first N test images (default: all)")
@@ -233,17 +212,14 @@ def main(argv=None):
     if args.exact and args.probes is not None:
         raise UserError("--probes is for Hutchinson's estimator; --exact uses every dimension instead")
     probes = 1 if args.probes is None else args.probes
-    if args.num_images is not None and args.num_images < 2:
-        raise UserError(f"--num-images must be >= 2 (a standard error needs two images), got {args.num_images}")
     for name, value, ok, bound in (("--probes", probes, probes >= 1, ">= 1"), ("--batch", args.batch, args.batch >= 1, ">= 1"),
-                                   ("--rtol", args.rtol, 0 < args.rtol < 1, "in (0, 1)"),
-                                   ("--atol", args.atol, 0 < args.atol < 1, "in (0, 1)")):
+                                   ("--num-images", args.num_images, args.num_images is None or args.num_images >= 2, ">= 2 (for a standard error)"),
+                                   ("--rtol", args.rtol, 0 < args.rtol < 1, "in (0, 1)"), ("--atol", args.atol, 0 < args.atol < 1, "in (0, 1)")):
         if not ok:
             raise UserError(f"{name} must be {bound}, got {value:g}")
     cfg, outdir = open_run(args)
     with run_session(outdir) as (rank, world, device):
-        r = likelihood(cfg, outdir, device, args.epoch, args.ema, args.num_images, args.exact, probes,
-                       args.rtol, args.atol, args.batch)
+        r = likelihood(cfg, outdir, device, args.epoch, args.ema, args.num_images, args.exact, probes, args.rtol, args.atol, args.batch)
         div = "exact divergence" if r["probes"] is None else f"Hutchinson, {r['probes']} probe(s)"
         dist.print0(f"bits/dim {r['bits_per_dim']:.4f} +- {r['bits_per_dim_se']:.4f} ({r['num_images']} test images, "
                     f"epoch {r['epoch']}, {r['ema']}, {div}, dopri5 rtol {r['rtol']:g} atol {r['atol']:g}, "

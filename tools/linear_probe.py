@@ -39,7 +39,7 @@ class LinearProbe:
 
     @staticmethod
     def _fit_torch(Z, y, C, num_classes, init):
-        """The same objective divided by N, by full-batch L-BFGS on Z's device."""
+        """The same objective / N, by full-batch L-BFGS on Z's device."""
         W = (torch.zeros(Z.shape[1], num_classes, device=Z.device) if init is None else init[0].clone().to(Z.device)).requires_grad_()
         b = (torch.zeros(num_classes, device=Z.device) if init is None else init[1].clone().to(Z.device)).requires_grad_()
         opt = torch.optim.LBFGS([W, b], lr=1, max_iter=1000, history_size=20, tolerance_grad=1e-5,
@@ -59,10 +59,9 @@ class LinearProbe:
 
 
 def probe_cell(feats, labels, p, num_classes, device):
-    """C chosen on held-out training images, a refit on the whole training split, then the test split scored once."""
+    """C chosen on held-out training images, refit on the whole training split, the test split scored once."""
     train, train_flip, test = feats["train", False], feats.get(("train", True)), feats["test", False]
-    y = labels["train"]
-    n = len(y)
+    y, n = labels["train"], len(labels["train"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
     num_holdout = round(p["holdout"] * n)
     held, fit = perm[:num_holdout], perm[num_holdout:]
@@ -100,7 +99,6 @@ def pixels_baseline(outdir, p, images, labels, num_classes, device):
 
 
 def read_probe_results(outdir):
-    """Every probe result of a run: the rows of its checkpoints/epoch_<N>.probe.json files."""
     rows = []
     for _, path in numbered_files(os.path.join(outdir, "checkpoints"), "epoch_", ".probe.json"):
         rows += list(read_json(path).values())
@@ -117,8 +115,7 @@ def save_heatmap(path, table, blocks, sigmas, best):
         im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
         for i in range(len(blocks)):
             for j in range(len(sigmas)):
-                bright = im.norm(grid[i, j].item()) > 0.6
-                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=6, color="k" if bright else "w")
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=6, color="k" if im.norm(grid[i, j].item()) > 0.6 else "w")
         ax.set_xticks(range(len(sigmas)), [f"{s:.3g}" for s in sigmas], fontsize=7)
         ax.set_yticks(range(len(blocks)), blocks if ax is axes[0][0] else [], fontsize=7)
         ax.set_xlabel("sigma")

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 
 class _Tee:
-    """Writes to a console stream and to a log file; a log that fails is given up with one warning."""
+    """A console stream copied to a log file; a log that fails is given up with one warning."""
 
     failed_logs = set()  # ids: stdout's and stderr's tees share one log
 
@@ -36,8 +36,7 @@ class _Tee:
             if id(log) not in _Tee.failed_logs:
                 _Tee.failed_logs.add(id(log))
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-                self.stream.write(f"warning: cannot write {getattr(log, 'name', 'the log file')} ({reason}); "
-                                  f"output continues on the console only\n")
+                self.stream.write(f"warning: cannot write {getattr(log, 'name', 'the log file')} ({reason}); output continues on the console only\n")
                 with contextlib.suppress(Exception):
                     log.close()  # drops the buffer: closing at exit does not fail again
 
@@ -49,7 +48,7 @@ _logs = {}  # path -> open file, so that nested entry points (ema_sweep -> sampl
 
 
 def to_run_log(outdir):
-    """Append this process's stdout and stderr to OUTDIR/log.txt too, after a header line (call on rank 0 only)."""
+    """Copy this process's stdout and stderr to OUTDIR/log.txt after a header line (rank 0 only)."""
     path = os.path.abspath(os.path.join(outdir, "log.txt"))
     if path in _logs:
         return path
@@ -62,7 +61,7 @@ def to_run_log(outdir):
 
 
 class _Plain:
-    """tqdm's interface (update, set_postfix, close) printing one line per `every_s` seconds and at the end."""
+    """tqdm's interface printing one line per `every_s` seconds and at the end."""
 
     def __init__(self, total, initial, desc, unit, every_s):
         self.total, self.n, self.desc, self.unit, self.every_s = total, initial, desc, unit, every_s
@@ -90,7 +89,7 @@ class _Plain:
 
 
 def progress(total, initial=0, desc="", unit="step", enabled=True, every_s=60.0):
-    """A progress display: tqdm on a terminal (not copied into log.txt), plain lines otherwise, nothing if not enabled."""
+    """tqdm on a terminal (not copied into log.txt), plain lines otherwise, nothing if not enabled."""
     stderr = sys.stderr.stream if isinstance(sys.stderr, _Tee) else sys.stderr
     if not enabled or stderr.isatty():
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.__stderr__, disable=not enabled)

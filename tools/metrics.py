@@ -80,8 +80,7 @@ def class_coverage(probs):
     p = _numpy(probs).astype(np.float64)
     freq = np.bincount(p.argmax(1), minlength=p.shape[1]) / len(p)
     freq = freq[freq > 0]
-    return dict(class_entropy=float(-(freq * np.log(freq)).sum()), class_entropy_max=float(np.log(p.shape[1])),
-                confidence=float(p.max(1).mean()))
+    return dict(class_entropy=float(-(freq * np.log(freq)).sum()), class_entropy_max=float(np.log(p.shape[1])), confidence=float(p.max(1).mean()))
 
 
 def nearest_distances(queries, references, chunk=CHUNK):

@@ -10,7 +10,6 @@ def pyplot():
 
 
 def save_figure(fig, path, dpi=100):
-    """Write a figure as PNG, atomically, and close it. Returns `path`."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     pyplot().close(fig)
     return path

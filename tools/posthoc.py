@@ -107,15 +107,14 @@ def reconstruct(snapshot_dir, sigma_rel, t_out=None):
     x = solve_coefficients(t_i, g_i, t_out, gamma_out)
 
     coef = {(e[0], e[1]): float(c) for e, c in zip(entries, x)}
-    state, ref_path = None, None
+    state = None
     for f, (_, path) in enumerate(used):
         for j, e in enumerate(_load_snapshot(path)["emas"]):
             net = e["net"]
             if state is None:
                 state = {k: torch.zeros(v.shape, dtype=torch.float32) if v.is_floating_point() else v.clone() for k, v in net.items()}
-                ref_path = path
             if net.keys() != state.keys() or any(v.shape != state[k].shape for k, v in net.items()):
-                raise UserError(f"snapshot {path} holds a different network than {ref_path}; keep one run's snapshots per folder")
+                raise UserError(f"snapshot {path} holds a different network than {used[0][1]}; keep one run's snapshots per folder")
             for k, v in net.items():
                 if v.is_floating_point():
                     state[k].add_(v.float(), alpha=coef[f, j])

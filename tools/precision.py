@@ -22,7 +22,6 @@ def matmul_precision(precision):
 
 @contextlib.contextmanager
 def autocast(device, precision):
-    """Forward passes in `precision` (bf16 | fp16 | tf32 | fp32) on `device`."""
     amp = torch.autocast(torch.device(device).type, dtype=DTYPES[precision]) if precision in DTYPES else contextlib.nullcontext()
     with matmul_precision(precision), amp:
         yield

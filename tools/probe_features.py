@@ -21,20 +21,11 @@ STREAMS = {("train", False): 0, ("train", True): 1, ("test", False): 2}  # (spli
 CACHE_VERSION = 2  # bump when the meaning of a cached feature file changes
 
 
-def log(*args):
-    """Progress to stderr (rank 0), so that stdout starts with the result."""
-    if dist.rank() == 0:
-        print(*args, file=sys.stderr, flush=True)
-
-
-# Blocks and noise levels.
-
 def list_blocks(cfg):
     """[(name, channels, resolution)] of every block in forward order, e.g. dec.8x8_block1 (built on the meta device)."""
     n = cfg["network"]
     with torch.device("meta"):
-        net = build_network(cfg).eval()
-        shapes = {}
+        net, shapes = build_network(cfg).eval(), {}
         for name, module in named_blocks(net):
             module.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o.shape))
         labels = torch.zeros(1, n["label_dim"]) if n["label_dim"] else None
@@ -64,21 +55,13 @@ def sigma_of_t(cfg, t):
     return schedule[t]
 
 
-# Feature extraction.
-
 class _StopForward(Exception):
     """Raised by the hook of the last block needed: the rest of the network does not run."""
 
 
-def image_noise(stream, ids, shape, device="cpu"):
-    """The noise [len(ids), *shape] of images `ids` of a stream (STREAMS), image i's own."""
-    return image_normals((PROBE, stream), ids, shape, device)
-
-
 @torch.no_grad()
 def extract_features(net, sigma_data, images, sigma, blocks, stream, batch, flip=False, precision="fp32"):
-    """{block: float32 [N, C]}: pooled activations of `blocks` for images (uint8 [N, C, H, W] on the network's
-    device), flipped if `flip`, + sigma * noise. Rank r runs images r, r + world, ...; every rank gets all rows."""
+    """{block: float32 [N, C]} pooled activations of uint8 [N, C, H, W] images on the net's device + sigma * noise, on every rank."""
     device = next(net.parameters()).device
     mine = torch.arange(dist.rank(), len(images), dist.world_size())
     modules = dict(named_blocks(net))
@@ -100,7 +83,7 @@ def extract_features(net, sigma_data, images, sigma, blocks, stream, batch, flip
         for start in range(0, len(mine), batch):
             idx = mine[start:start + batch]
             x = to_float(images[idx.to(images.device)])
-            noise = image_noise(stream, idx.tolist(), x.shape[1:], device)
+            noise = image_normals((PROBE, stream), idx.tolist(), x.shape[1:], device)
             if flip:
                 x = x.flip(3)
             labels = torch.zeros(len(idx), label_dim, device=device) if label_dim else None  # unconditional
@@ -118,7 +101,7 @@ def extract_features(net, sigma_data, images, sigma, blocks, stream, batch, flip
 
 
 def gather_strided(x, n):
-    """Reassemble rows held rank-strided (rank r has rows r, r + world, ...) into [n, ...] on every rank."""
+    """[n, ...] on every rank from rows held rank-strided (rank r has rows r, r + world, ...)."""
     world = dist.world_size()
     if world == 1:
         return x
@@ -133,27 +116,22 @@ def gather_strided(x, n):
     return out
 
 
-# Feature cache: OUTDIR/probe/features/epoch_<N>/<ema>/<block>/sigma=<s>/<split>[_flip].pt
-
 class Checkpoint:
     """The checkpoint a probe reads: epoch, path, and the file identity that keys the cache."""
 
     def __init__(self, outdir, epoch=None):
-        available = dict(list_checkpoints(outdir))
+        available, folder = dict(list_checkpoints(outdir)), os.path.join(outdir, "checkpoints")
         if not available:
-            raise UserError(f"no checkpoint in {os.path.join(outdir, 'checkpoints')}; train first or pass --outdir")
-        if epoch is None:
-            epoch = max(available)
-        if epoch not in available:
-            raise UserError(f"no checkpoint for epoch {epoch} in {os.path.join(outdir, 'checkpoints')} "
-                            f"(available: {', '.join(map(str, sorted(available)))})")
-        st = os.stat(available[epoch])
-        self.outdir, self.epoch = outdir, epoch
-        self.identity = dict(checkpoint=os.path.basename(available[epoch]), size=st.st_size, mtime_ns=st.st_mtime_ns)
+            raise UserError(f"no checkpoint in {folder}; train first or pass --outdir")
+        self.outdir, self.epoch = outdir, max(available) if epoch is None else epoch
+        if self.epoch not in available:
+            raise UserError(f"no checkpoint for epoch {epoch} in {folder} (available: {', '.join(map(str, sorted(available)))})")
+        st = os.stat(available[self.epoch])
+        self.identity = dict(checkpoint=os.path.basename(available[self.epoch]), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 def cache_file(ckpt, p, block, sigma, split, flip, num_images):
-    """(path, meta) of a cache file; meta says what it was made from (p: the probe section): any difference re-extracts."""
+    """(path, meta): meta says what it was made from (p: the probe section); any difference re-extracts."""
     path = os.path.join(ckpt.outdir, "probe", "features", f"epoch_{ckpt.epoch}", p["ema"], block, f"sigma={sigma:.6g}",
                         f"{split}{'_flip' if flip else ''}.pt")
     return path, dict(version=CACHE_VERSION, **ckpt.identity, ema=p["ema"], precision=p["precision"], block=block,
@@ -167,17 +145,11 @@ def read_cached(path, meta):
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # missing, partial, altered (checksum mismatch) or foreign file: extract again
         return None
-    if not isinstance(saved, dict) or saved.get("meta") != meta:
-        return None
-    return saved["features"], saved["t_img"]
-
-
-def write_cached(path, features, meta, t_img):
-    atomic_save(dict(features=features.contiguous(), meta=meta, t_img=t_img), path)
+    return (saved["features"], saved["t_img"]) if isinstance(saved, dict) and saved.get("meta") == meta else None
 
 
 def ensure_features(cfg, ckpt, blocks, sigmas, streams, device, images):
-    """Extract and cache every (block, sigma, stream) whose cache is missing or stale (collective); returns t_img."""
+    """t_img; extracts and caches every (block, sigma, stream) whose cache is missing or stale (collective)."""
     p = cfg["probe"]
     ema, missing, t_img = p["ema"], {}, None
     if dist.rank() == 0:
@@ -191,9 +163,8 @@ def ensure_features(cfg, ckpt, blocks, sigmas, streams, device, images):
                         t_img = cached[1]
     missing = dist.broadcast(missing)
     if not missing:
-        log(f"features: cached ({os.path.join(ckpt.outdir, 'probe', 'features', f'epoch_{ckpt.epoch}', ema)})")
+        dist.print0(f"features: cached ({os.path.join(ckpt.outdir, 'probe', 'features', f'epoch_{ckpt.epoch}', ema)})", file=sys.stderr)
         return t_img
-
     net, info = load_net(cfg, ckpt.outdir, ckpt.epoch, ema, device)
     on_device = {}
     for (sigma, split, flip), todo in missing.items():
@@ -202,11 +173,11 @@ def ensure_features(cfg, ckpt, blocks, sigmas, streams, device, images):
         start = time.time()
         feats = extract_features(net, cfg["diffusion"]["sigma_data"], on_device[split], sigma, todo, STREAMS[split, flip],
                                  p["batch"], flip, p["precision"])
-        log(f"features: {len(todo)} block(s) at sigma={sigma:.4g}, {split}{' x-flipped' if flip else ''}, "
-            f"{len(images[split])} images on {dist.world_size()} rank(s): {time.time() - start:.1f} s")
+        dist.print0(f"features: {len(todo)} block(s) at sigma={sigma:.4g}, {split}{' x-flipped' if flip else ''}, "
+                    f"{len(images[split])} images on {dist.world_size()} rank(s): {time.time() - start:.1f} s", file=sys.stderr)
         if dist.rank() == 0:
             for b in todo:
                 path, meta = cache_file(ckpt, p, b, sigma, split, flip, len(images[split]))
-                write_cached(path, feats[b], meta, info["t_img"])
+                atomic_save(dict(features=feats[b].contiguous(), meta=meta, t_img=info["t_img"]), path)
     return info["t_img"]
 

@@ -18,7 +18,7 @@ from tools.runs import parse_ema
 
 
 def resolve_probe(cfg, names=None):
-    """Check the probe section (`names`: flags that replaced keys), fill in its block and ema; returns the blocks."""
+    """list_blocks(cfg), after checking the probe section (`names`: flags that replaced keys) and filling in block and ema."""
     p = cfg["probe"]
     check_ranges("probe", p, names=names)
     kind, sigma_rel = parse_ema(p["ema"])
@@ -34,18 +34,15 @@ def resolve_probe(cfg, names=None):
 
 
 def probe(cfg, outdir, device, epoch=None, grid=False):
-    """Probe a checkpoint as cfg['probe'] says (after resolve_probe), or every block x probe.grid_sigmas with `grid`.
-    Collective; rank 0 fits, prints, writes the results and returns the reported cell (None elsewhere)."""
+    """Probe as cfg['probe'] says, or every block x probe.grid_sigmas (collective); rank 0 returns the reported cell, others None."""
     p = cfg["probe"]
     ckpt = Checkpoint(outdir, epoch)
     blocks = [b[0] for b in list_blocks(cfg)] if grid else [p["block"]]
     sigmas = sorted(set(p["grid_sigmas"])) if grid else [p["sigma"]]
     streams = [("train", False), ("test", False)] + ([("train", True)] if p["xflip"] else [])
-    images, labels = {}, {}
-    for split in ("train", "test"):
-        images[split], labels[split] = load_dataset(cfg, split)
+    data = {split: load_dataset(cfg, split) for split in ("train", "test")}
+    images, labels = {s: d[0] for s, d in data.items()}, {s: d[1] for s, d in data.items()}
     num_classes = int(max(y.max() for y in labels.values())) + 1
-
     start = time.time()
     t_img = ensure_features(cfg, ckpt, blocks, sigmas, streams, device, images)
     if dist.rank() != 0:
@@ -60,19 +57,15 @@ def probe(cfg, outdir, device, epoch=None, grid=False):
     # The reported cell: the only one, or the grid's best on the held-out split (never on test).
     best = max(table, key=lambda c: c["holdout_accuracy_pct"] if c["holdout_accuracy_pct"] is not None else -1)
     elapsed = time.time() - start
-
     result = dict(block=best["block"], sigma=best["sigma"], ema=p["ema"], epoch=ckpt.epoch, t_img=t_img, kimg=t_img / 1000,
                   classifier=p["classifier"], xflip=p["xflip"], holdout=p["holdout"], C_grid=p["C_grid"],
                   **{k: v for k, v in best.items() if k not in ("block", "sigma")},
                   num_train=len(labels["train"]), num_test=len(labels["test"]), selected_by="grid" if grid else "config")
-    where = f"{best['block']} at sigma={best['sigma']:.4g}, {p['ema']} weights, epoch {ckpt.epoch}"
-    print(f"test accuracy: {best['test_accuracy_pct']:.2f}% ({where}; C={best['C']:g}"
-          + (f", best of {len(table)} cells on the held-out split)" if grid else ")"), flush=True)
-
+    print(f"test accuracy: {best['test_accuracy_pct']:.2f}% ({best['block']} at sigma={best['sigma']:.4g}, {p['ema']} weights, epoch {ckpt.epoch}; "
+          f"C={best['C']:g}" + (f", best of {len(table)} cells on the held-out split)" if grid else ")"), flush=True)
     pixels = pixels_baseline(outdir, p, images, labels, num_classes, classifier_device)
     result["pixels_test_accuracy_pct"] = pixels["test_accuracy_pct"]
     print(f"raw pixels: {pixels['test_accuracy_pct']:.2f}% (the same classifier on the {pixels['feature_dim']} pixel values)")
-
     stem = checkpoint_path(outdir, ckpt.epoch)[:-len(".pt")]
     json_path = stem + ".probe.json"
     results = read_json(json_path)

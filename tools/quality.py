@@ -10,13 +10,11 @@ from tools.data import load_dataset, trained_images
 from tools.grid import pairs_grid, save_picture
 from tools.inception import build_inception, features_of_images
 
-EXTRACTORS = ("classifier", "inception")
 KID_SUBSETS = 100
 NEAREST_PAIRS = 32  # samples shown beside their nearest training image
 
 
 def fd_key(row):
-    """The Frechet-distance key of a quality row: FD_classifier or FD_inception."""
     return next(k for k in row if k.startswith("FD_") and not k.endswith("_std"))
 
 
@@ -44,13 +42,7 @@ def reference(cfg, extractor, model, device, inception_weights=None, inception_r
 
 
 def build_extractor(cfg, extractor, device, inception_weights=None):
-    if extractor not in EXTRACTORS:
-        raise UserError(f"--metric-features must be one of {', '.join(EXTRACTORS)}, got {extractor!r}")
-    if extractor == "classifier":
-        return load_or_train(cfg, device)
-    model = build_inception(inception_weights, device=device)
-    model.name = "inception"
-    return model
+    return load_or_train(cfg, device) if extractor == "classifier" else build_inception(inception_weights, device=device)
 
 
 def _block_size(count, blocks):
@@ -60,7 +52,7 @@ def _block_size(count, blocks):
 
 
 class Scorer:
-    """What scoring costs once per dataset, so that score() costs only the samples' own features."""
+    """Builds once per dataset what scoring needs, so that score() costs only the samples' own features."""
 
     def __init__(self, cfg, extractor=None, device="cpu", inception_weights=None, inception_ref=None, log=print):
         self.cfg, self.device = cfg, device
@@ -76,10 +68,8 @@ class Scorer:
             self.heldout_dist = None
 
     def score(self, samples, blocks=4, pairs_path=None, classes=None):
-        """Quality metrics of uint8 samples [N, C, H, W] in seed order (score_samples)."""
-        samples = torch.as_tensor(samples)
         n = _block_size(len(samples), blocks)
-        samples = samples[:n * blocks]
+        samples = torch.as_tensor(samples)[:n * blocks]
         feats, probs = extract(self.extractor, self.model, samples, self.device)
         if classes is not None:
             if self.classifier is None:
@@ -90,7 +80,6 @@ class Scorer:
                 raise UserError(f"requested class {requested.max()} but the dataset {self.cfg['data']['dataset']} has "
                                 f"{self.classifier.num_classes} classes: network.label_dim must be its number of classes")
         sample_dist, sample_idx = metrics.nearest_distances(samples.to(self.device), self.train)
-
         ref, per_block = self.ref, []
         for b in range(blocks):
             s = slice(b * n, (b + 1) * n)
@@ -117,8 +106,7 @@ class Scorer:
         return out
 
 
-def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_path=None, inception_weights=None,
-                  inception_ref=None, classes=None):
+def score_samples(cfg, samples, extractor=None, device="cpu", blocks=4, pairs_path=None, inception_weights=None, inception_ref=None, classes=None):
     """Quality metrics (mean and <metric>_std over `blocks` blocks) of uint8 samples [N, C, H, W] in seed order."""
     _block_size(len(samples), blocks)  # before building anything
     scorer = Scorer(cfg, extractor, device, inception_weights, inception_ref, log=lambda m: print(m, flush=True))
@@ -133,7 +121,6 @@ def save_nearest_pairs(path, samples, train_images, index, dists, num=NEAREST_PA
 
 
 def format_line(r):
-    """One line: every metric as mean +- std over the blocks."""
     pm = lambda k, spec, scale=1, unit="": f"{scale * r[k]:{spec}}{unit} +- {scale * r[k + '_std']:{spec}}{unit}"
     fd = fd_key(r)
     parts = [f"{fd}: {pm(fd, '.3f')}", f"KID: {pm('KID', '.5f')}", f"precision: {pm('precision', '.3f')}", f"recall: {pm('recall', '.3f')}"]

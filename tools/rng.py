@@ -1,5 +1,4 @@
-"""Every random number of the repository, derived from integers that say what it is for (docs/DESIGN.md):
-seed_for/generator for one purpose's draws, StepNormals for a step's global batch, SeedNoise for per-image noise."""
+"""Every random number of the repository, derived from integers that say what it is for (docs/DESIGN.md)."""
 
 import math
 
@@ -17,20 +16,17 @@ def seed_for(*values):
 
 
 def generator(*values, device="cpu"):
-    """A torch generator on `device` seeded by seed_for(*values)."""
     return torch.Generator(device).manual_seed(seed_for(*values))
 
 
 def image_normals(key, ids, shape, device="cpu"):
-    """Standard normals [len(ids), *shape] for images `ids` of a purpose `key` (a tuple of integers): image i's from
-    its own SeedNoise stream, so the same numbers on any device, batch or rank split."""
+    """Standard normals [len(ids), *shape] for images `ids` of a purpose `key` (a tuple of integers), each its own stream."""
     base = seed_for(*key)
     return SeedNoise([(base + int(i) * 0x9E3779B9) & 0xFFFFFFFF for i in ids], device).randn(shape)
 
 
 class StepNormals:
-    """One optimizer step's normals: each request is drawn for the whole global batch, in request order, and answered
-    with this micro-batch's rows, so a run is the same for any rank and micro-batch split."""
+    """One step's normals: each request drawn for the global batch and answered with a micro-batch's rows (split-invariant)."""
 
     def __init__(self, seed, step, batch_size, device):
         self.generator = generator(seed, step, STEP_NORMALS, device=device)
@@ -65,8 +61,7 @@ _CPU_BLOCK = 1 << 16  # elements per block on a CPU: the temporaries stay in cac
 
 
 def mix32(x):
-    """lowbias32 (C. Wellons, 2018) in place on int64 x in [0, 2^32): a bijection of 32-bit words with good avalanche.
-    The multiplier >= 2^31 is used as c - 2^32 (the same product mod 2^32), so no product reaches 2^63."""
+    """lowbias32 (C. Wellons, 2018) in place on int64 x in [0, 2^32); a multiplier c >= 2^31 is used as c - 2^32 (no overflow)."""
     for shift, multiplier in _LOWBIAS32:
         x ^= x >> shift
         x *= multiplier
@@ -84,8 +79,7 @@ def _horner(t, coeffs):
 
 
 def _neg_log(u):
-    """-ln u for u in (0, 1] to ~5e-13: u = m 2^e (frexp, exact), ln u = (e - 1/2) ln 2 + ln(m sqrt 2) with m sqrt 2 in
-    [0.71, 1.42), ln v = 2 atanh s = 2 (s + s^3/3 + ...) for s = (v - 1) / (v + 1), |s| <= 0.172, 7 terms."""
+    """-ln u for u in (0, 1] to ~5e-13: (1/2 - e) ln 2 - 2 atanh s, s = (v - 1) / (v + 1), v = m sqrt 2, u = m 2^e (frexp)."""
     m, e = torch.frexp(u)
     m.mul_(_SQRT2)
     s = (m - 1).div_(m.add_(1))
@@ -93,8 +87,7 @@ def _neg_log(u):
 
 
 def _cos_sin(w):
-    """(cos phi, sin phi) for phi = 2 pi (w + 1/2) / 2^32 - pi, uniform on the circle for a uniform 32-bit w, to ~1e-12:
-    Taylor series of phi / 2 in [-pi/2, pi/2) (9 terms), then the double-angle formulas."""
+    """(cos phi, sin phi), phi = 2 pi (w + 1/2) / 2^32 - pi, to ~1e-12: Taylor series of phi / 2, then double angles."""
     half = w.to(torch.float64).add_(0.5).mul_(math.pi / 2 ** 32).sub_(math.pi / 2)
     t2 = half * half
     c, s = _horner(t2, _COS_SERIES), _horner(t2, _SIN_SERIES).mul_(half)
@@ -102,8 +95,7 @@ def _cos_sin(w):
 
 
 class SeedNoise:
-    """Standard normals for a batch of images, image k's a function of seeds[k] alone: a counter-based stream of mix32
-    words per seed, Box-Muller on word triples, bit for bit the same on any device, batch or rank split."""
+    """Normals for a batch of images, image k's from seeds[k] alone: a counter-based mix32 stream per seed, Box-Muller."""
 
     def __init__(self, seeds, device):
         seeds = torch.as_tensor(list(seeds), dtype=torch.int64).reshape(-1)

@@ -1,8 +1,4 @@
-"""A trained run as the scripts that read it see it: its config and directory, and its network with the chosen weights.
-
-    cfg, outdir = resolve(config=None, outdir="runs/cifar10-E")        # reads runs/cifar10-E/config.yaml
-    net, info = load_net(cfg, outdir, epoch=None, ema="sigma_rel=0.075")
-"""
+"""A trained run as the scripts that read it see it: config, directory, network with the chosen EMA weights; the training lock."""
 
 import contextlib
 import fcntl
@@ -20,7 +16,7 @@ from tools.posthoc import write_reconstruction
 
 
 def resolve(config=None, outdir=None, overrides=()):
-    """(cfg, outdir) of a run: RUN/config.yaml, or `config` (and its train.outdir without `outdir`), with overrides."""
+    """(cfg, outdir): OUTDIR/config.yaml, or `config` (and its train.outdir without `outdir`), with overrides."""
     if config is None:
         if outdir is None:
             raise UserError("pass --outdir RUN (its config.yaml is read) or --config FILE")
@@ -32,7 +28,6 @@ def resolve(config=None, outdir=None, overrides=()):
 
 
 def run_flags(parser):
-    """The flags of a script that reads a run: --outdir, --config, --epoch and section.key=value overrides."""
     parser.add_argument("--outdir", help="the run directory; its config.yaml is the config unless --config is given")
     parser.add_argument("--config", help="a YAML config instead of the run's own (default: OUTDIR/config.yaml)")
     parser.add_argument("--epoch", type=int, help="checkpoint epoch (default: the newest)")
@@ -40,7 +35,6 @@ def run_flags(parser):
 
 
 def open_run(args):
-    """(cfg, outdir) of the run the flags of run_flags name; one line for a negative --epoch."""
     if args.epoch is not None and args.epoch < 0:
         raise UserError(f"--epoch must be >= 0, got {args.epoch}")
     return resolve(args.config, args.outdir, args.overrides)
@@ -48,7 +42,6 @@ def open_run(args):
 
 @contextlib.contextmanager
 def run_session(outdir):
-    """dist.session() for a script that works on a run, its rank 0's output appended to OUTDIR/log.txt."""
     with dist.session() as (rank, world, device):
         if rank == 0:
             to_run_log(outdir)
@@ -68,7 +61,7 @@ def parse_ema(ema):
 
 
 def load_net(cfg, outdir, epoch=None, ema="classic", device="cpu"):
-    """(net in eval mode, info) with the classic EMA, the online or post-hoc EMA weights (built by rank 0: collective)."""
+    """(net in eval mode, info) with the classic, online or post-hoc EMA weights (built by rank 0: collective)."""
     kind, sigma_rel = parse_ema(ema)
     ckpt = load_epoch(outdir, epoch, required=("net", "emas", "t_img", "epoch"))
     if kind == "posthoc":
@@ -87,7 +80,7 @@ _held_locks = {}  # path -> open file; the lock lasts as long as the process
 
 
 def lock_for_training(outdir):
-    """An exclusive lock on OUTDIR/train.lock naming its holder, or UserError if another live process holds it."""
+    """An exclusive lock on OUTDIR/train.lock naming its holder; UserError if another live process holds it."""
     path = os.path.join(outdir, "train.lock")
     if path in _held_locks:
         return path

@@ -1,9 +1,4 @@
-"""Sample PNGs written by a background thread pool, resumable without an fsync per file (docs/DESIGN.md).
-
-    with SampleWriter(out) as w:
-        w.write(seed, image)       # uint8 [H, W, C], C = 1 or 3
-    done = done_seeds(out, seeds)  # on restart: the seeds not to sample again
-"""
+"""Sample PNGs written by a background thread pool, resumable by done_seeds() without an fsync per file (docs/DESIGN.md)."""
 
 import contextlib
 import json
@@ -25,7 +20,6 @@ LEGACY_RECORD = "legacy.json"  # the PNGs of a folder that had no records when i
 
 
 def image_path(out, seed):
-    """OUT/<seed - seed % 1000:06d>/<seed:06d>.png: a thousand files per folder."""
     return os.path.join(out, f"{seed - seed % 1000:06d}", f"{seed:06d}.png")
 
 
@@ -35,14 +29,11 @@ def records_folder(out):
 
 
 def done_seeds(out, seeds=None):
-    """The seeds (of `seeds`, default all) whose PNG a completion record lists and that is still on disk; in a folder
-    without records (earlier versions wrote every PNG atomically), every PNG on disk."""
+    """The seeds (of `seeds`, default all) on disk that a completion record lists; without records (atomic PNGs), all on disk."""
     folder = records_folder(out)
-    if not os.path.isdir(folder):
-        on_disk = _seeds_on_disk(out)
-        if not os.path.isdir(folder):  # no writer started while `out` was listed: its PNGs are the old, atomic ones
-            return on_disk if seeds is None else on_disk.intersection(seeds)
-    found = _read_records(folder) & _seeds_on_disk(out)
+    found = None if os.path.isdir(folder) else _seeds_on_disk(out)
+    if found is None or os.path.isdir(folder):  # records, or a writer made them while `out` was listed
+        found = _read_records(folder) & _seeds_on_disk(out)
     return found if seeds is None else found.intersection(seeds)
 
 
@@ -98,9 +89,7 @@ def _write_record(path, writer, seeds):
 
 
 def _open_records(out):
-    """Create <out>.done/ if missing, with legacy.json listing the PNGs already in `out` (a folder without records).
-    Staged and renamed into place (the first writer wins), then its parent fsynced: a power loss cannot make a folder
-    with plain PNGs look like one without records."""
+    """Create <out>.done/ with legacy.json listing `out`'s PNGs, staged, renamed (first wins), parent fsynced: power-loss safe."""
     folder = records_folder(out)
     if os.path.isdir(folder):
         return
@@ -142,15 +131,13 @@ def _write_plain(path, image, level):
 
 
 class SampleWriter:
-    """PNGs written on `threads` threads, `max_pending` at most queued, and this writer's completion record; errors
-    are raised by the next write() or close(). sync=False: safe against kills, not against power loss."""
+    """PNGs and this writer's completion record; errors raise in the next write() or close(). sync=False: safe on kill, not power loss."""
 
     def __init__(self, out, threads=2, max_pending=1024, record_every=1000, record_seconds=10.0, sync=True, compress_level=1):
         self.out = os.path.normpath(out)
         self.writer = f"{host_name()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.record_path = os.path.join(records_folder(self.out), f"{self.writer}.json")
-        self.record_every, self.record_seconds, self.sync = record_every, record_seconds, sync
-        self.compress_level = compress_level
+        self.record_every, self.record_seconds, self.sync, self.compress_level = record_every, record_seconds, sync, compress_level
         try:
             os.makedirs(self.out, exist_ok=True)
             _open_records(self.out)
@@ -158,8 +145,7 @@ class SampleWriter:
             raise _as_user_error(e, records_folder(self.out)) from None
         self._vouched = _read_records(records_folder(self.out))  # seeds some record lists: rewritten atomically
         self._lock, self._record_lock = threading.Lock(), threading.Lock()
-        self._slots = threading.Semaphore(max_pending)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sample-writer")
+        self._slots, self._pool = threading.Semaphore(max_pending), ThreadPoolExecutor(threads, thread_name_prefix="sample-writer")
         self._done, self._unrecorded, self._recorded_at = set(), 0, time.monotonic()
         self.pending, self._error, self._closed, self._folders = 0, None, False, set()
 

@@ -1,5 +1,4 @@
-"""Samplers on the EDM schedule: solvers of the probability-flow ODE and the reverse-time SDE (Karras et al. 2022,
-eqs. 1, 4, 6), registered in SAMPLERS. Image k's noise and class depend on its seed alone (tools.rng.SeedNoise)."""
+"""Solvers of the EDM probability-flow ODE and reverse-time SDE (Karras et al. 2022, eqs. 1, 4, 6), registered in SAMPLERS."""
 
 import functools
 import math
@@ -23,8 +22,7 @@ def one_hot(classes, label_dim, device=None):
 
 
 class GuidedDenoiser(torch.nn.Module):
-    """D_w = D_guide(x; sigma, c') + w (D_main(x; sigma, c) - D_guide(x; sigma, c')) (Karras et al. 2024, eq. 2), the
-    guide's labels c' the same, dropped (classifier-free) or none; w = 1 is D_main bit for bit (docs/GUIDANCE.md)."""
+    """D_w = D_guide + w (D_main - D_guide) (Karras et al. 2024, eq. 2), guide labels same, dropped (CFG) or none; w = 1 is D_main bit for bit."""
 
     def __init__(self, main, guide, weight, guide_labels="same"):
         super().__init__()
@@ -42,9 +40,8 @@ class GuidedDenoiser(torch.nn.Module):
         return d_guide + self.weight * (d_main - d_guide)
 
 
-# The registry. run(D, x, sigmas, fresh, **params): x at sigmas[0] -> x at 0 (D(x, sigma[, rows]) in float64, fresh(std)
-# new noise); order: of the ODE error (at eta = 0); weak_order: of the moments at eta = 1; nfe_per_step: None = adaptive;
-# params: the sample.* keys it reads; tag: those that name its sample folder when not at their default.
+# run(D, x, sigmas, fresh, **params): x at sigmas[0] -> x at 0, D(x, sigma[, rows]) in float64, fresh(std) new noise; order: ODE error
+# (eta = 0); weak_order: moments at eta = 1; nfe_per_step None = adaptive; params: sample.* keys read; tag: those in the folder name if not default.
 Sampler = namedtuple("Sampler", "run order weak_order nfe_per_step stochastic params tag description")
 SAMPLERS = {}  # name -> Sampler, in the order of `sample.py --sampler list`
 # The sample.* keys samplers read: default, lowest value (or the key whose value is the lowest), bound open, meaning.
@@ -113,8 +110,7 @@ class _Evaluations:
 
 
 def sample(denoiser, noise, shape, class_labels=None, sampler="heun", steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0, stats=None, **params):
-    """One float32 image (C, H, W) = shape per seed of `noise` (a SeedNoise), by a sampler of SAMPLERS with its
-    PARAMS; a dict `stats` gets "nfe" (denoiser calls) and "image_nfe" (evaluations per image)."""
+    """float32 images [seeds, *shape] from `noise` (a SeedNoise); a dict `stats` gets "nfe" (calls) and "image_nfe" (per image)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}")
     p = {k: params.get(k, default) for k, (default, *_) in PARAMS.items()}
@@ -132,7 +128,6 @@ def sample(denoiser, noise, shape, class_labels=None, sampler="heun", steps=18, 
     return x.to(torch.float32)
 
 
-# The samplers, registered in the order of `sample.py --sampler list`.
 @register("heun", 2, 2, 2, "EDM Heun in sigma (Karras et al. 2022, Alg. 1); S_churn > 0 adds Alg. 2's churn", CHURN, ("S_churn",))
 def heun(D, x, sigmas, fresh, S_churn, S_min, S_max, S_noise, euler=False):
     """Heun (Euler if `euler`) in sigma; churn first raises sigma to t_cur (1 + gamma) with fresh noise (Karras et al. 2022, Alg. 2)."""
@@ -215,8 +210,7 @@ def _dpmpp2s_step(D, x, t_cur, t_next):
 
 
 def _ancestral(D, x, sigmas, fresh, eta, step):
-    """Each step: the ODE `step` to sigma_down, then fresh noise of std sigma_up; sigma_down^2 + sigma_up^2 = t_next^2,
-    at eta = 1 DDIM's posterior (Song et al. 2021, eq. 16)."""
+    """ODE `step` to sigma_down, then noise sigma_up: sigma_down^2 + sigma_up^2 = t_next^2, eta = 1 DDIM's posterior (Song et al. 2021, eq. 16)."""
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
         sigma_down, sigma_up = t_next, 0.0
         if eta != 0 and t_next != 0:
@@ -249,8 +243,7 @@ def _dpm23(D, x, eps, s, h, rows, view):
 @register("dpm_adaptive", 3, 3, None, "DPM-Solver-23, step size per image from the error (rtol, atol, h_init; steps and "
           "rho unused)", ("rtol", "atol", "h_init", "sigma_min", "sigma_max"), ("rtol", "atol", "h_init"))
 def dpm_adaptive(D, x, sigmas, fresh, rtol, atol, h_init, sigma_min, sigma_max, safety=0.9, max_growth=5.0):
-    """DPM-Solver-23 (Lu et al. 2022a) with a step size per image in lambda = -ln sigma, from the 2nd-3rd order
-    difference; tolerances in the paper's VP scale, growth per step limited (docs/DESIGN.md, Samplers)."""
+    """DPM-Solver-23 (Lu et al. 2022a), a step in lambda = -ln sigma per image from the 2nd-3rd order gap (docs/DESIGN.md, Samplers)."""
     view = (-1,) + (1,) * (x.ndim - 1)
     lam_end = -math.log(sigma_min)
     lam = torch.full((len(x),), -math.log(sigma_max), dtype=torch.float64, device=x.device)
@@ -280,16 +273,14 @@ def dpm_adaptive(D, x, sigmas, fresh, rtol, atol, h_init, sigma_min, sigma_max, 
     return D(x, sigma_min)
 
 
-for _name, _order, _nfe, _step, _what in (("euler_ancestral", 1, 1, _euler_step, "Euler"),
-                                          ("dpm2_ancestral", 2, 2, _dpm2_step, "dpm2"),
+for _name, _order, _nfe, _step, _what in (("euler_ancestral", 1, 1, _euler_step, "Euler"), ("dpm2_ancestral", 2, 2, _dpm2_step, "dpm2"),
                                           ("dpmpp2s_ancestral", 2, 2, _dpmpp2s_step, "DPM-Solver++(2S)")):
     register(_name, _order, _order, _nfe, f"{_what} to sigma_down, then fresh noise up to sigma_next (eta)", ANCESTRAL)(
         lambda D, x, sigmas, fresh, eta, S_noise, step=_step: _ancestral(D, x, sigmas, fresh, eta, step))
 
 
 def _dpmpp_sde(D, x, sigmas, fresh, eta, order):
-    """SDE-DPM-Solver++(2M / 3M) (Lu et al. 2022b) on EDM eq. 6 in lambda = -ln sigma: D the Newton polynomial through
-    the last `order` evaluations, the rest exact."""
+    """SDE-DPM-Solver++(2M / 3M) (Lu et al. 2022b) on EDM eq. 6: D the Newton polynomial of the last `order` evaluations, the rest exact."""
     history = []
     for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
         denoised = D(x, t_cur)

@@ -1,12 +1,8 @@
-"""Sampler sweep: sample and score one checkpoint with several samplers at several step counts, then tabulate and plot
-quality against the number of network evaluations (NFE).
+"""Sampler sweep: one checkpoint's quality by sampler and steps against NFE, and the fewest NFE that reach --reference.
 
     python -m tools.sampler_sweep --outdir runs/demo/E                                   # every sampler, default steps
     python -m tools.sampler_sweep --outdir runs/demo/E --samplers heun,dpmpp2m,lms --steps 4,6,8,12,18
     torchrun --nproc_per_node=8 -m tools.sampler_sweep --outdir runs/cifar10-E --num-images 10000 --fid auto
-
-Other sample.* keys come from the config; dpm_adaptive runs at each of --rtols. The table gives the fewest NFE at
-which each sampler's FD is within the combined spread of --reference's. Results: OUTDIR/sampler_sweep_epoch_<N>.*
 """
 
 if __name__ == "__main__" and not __package__:
@@ -92,8 +88,7 @@ def main(argv=None):
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated (default: all; sample.py --sampler list)")
     p.add_argument("--steps", default="4,6,8,12,18,32", help="step counts of the fixed-step samplers, comma-separated")
     p.add_argument("--rtols", default="0.2,0.1,0.05,0.02", help="dpm_adaptive's tolerances, comma-separated")
-    p.add_argument("--reference", default="heun:18", metavar="SAMPLER:STEPS", help="the setting whose quality the others are "
-                   "asked to reach (default heun:18, the EDM default)")
+    p.add_argument("--reference", default="heun:18", metavar="SAMPLER:STEPS", help="the quality to reach (default: EDM's heun:18)")
     p.add_argument("--fid", metavar="REF.npz", help="also Inception FID against these statistics ('auto' = the dataset's)")
     args, cfg, outdir = sweep.parse(p, argv)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]

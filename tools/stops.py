@@ -41,5 +41,4 @@ class StopRequests:
         return (int(signum) or None), bool(due)
 
     def saved(self):
-        """A checkpoint was just written: the timer starts again."""
         self.last_save = time.time()

@@ -1,5 +1,4 @@
-"""The sweeps' skeleton: one checkpoint sampled and scored at several settings with the same seeds (collective under
-torchrun), then a JSON file, a markdown table and a plot against the setting; each sweep supplies its settings."""
+"""The sweeps' skeleton: one checkpoint sampled and scored at each setting with the same seeds, then JSON, a table and a plot."""
 
 import argparse
 import json
@@ -17,7 +16,6 @@ MIN_IMAGES = 40  # the metrics' 4 seed blocks of at least 10 images
 
 
 def parser(module, doc):
-    """The flags every sweep has: the run's (--outdir, --config, --epoch, overrides) and the scoring's."""
     p = argparse.ArgumentParser(prog=f"python -m tools.{module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_flags(p)
     p.add_argument("--num-images", type=int, default=1000, help="samples per setting (seeds 0 .. N-1, the same everywhere)")
@@ -35,8 +33,7 @@ def parse(p, argv):
 
 
 def run_settings(outdir, settings, args, write, fid=None, after=None):
-    """Sample and score each (label, config, guidance or None) at args.epoch (default: the newest), then after(config,
-    epoch, device); rank 0 then calls write(epoch, [(config, sample folder, run fields)])."""
+    """Sample, score each (label, config, guidance or None), then after(config, epoch, device); rank 0: write(epoch, [(config, out, run)])."""
     with run_session(outdir) as (rank, world, device):
         epoch = load_epoch(outdir, args.epoch, required=("epoch",))["epoch"]
         seeds = list(range(args.num_images))
@@ -63,7 +60,6 @@ def quality_row(out, **row):
 
 
 def pm(row, key, spec=".3f", scale=1):
-    """A table cell: mean +- std over the seed blocks, or '-'."""
     return "-" if key not in row else f"{format(scale * row[key], spec)} +- {format(scale * row[key + '_std'], spec)}"
 
 
@@ -85,9 +81,7 @@ def plot(path, title, panels, xlabel, log_x=False):
             if pts:
                 x, y, err = zip(*sorted(pts))
                 ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, markersize=4, label=label)
-        if log_x:
-            ax.set_xscale("log")
-        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if log_x else "linear")
         ax.grid(alpha=0.3, which="both")
         if len(lines) > 1:
             ax.legend(fontsize=7)

@@ -52,7 +52,6 @@ class TrainingLog:
                 self.written = {row_key(r) for r in read_jsonl(self.path) if round(r.get("kimg", 0) * 1000) > t_img} - {None}
 
     def add_losses(self, loss, sigma):
-        """Per-sample losses of one micro-batch, at their noise levels."""
         loss = loss.detach().to(torch.float64)
         self.acc[0] += loss.sum()
         self.acc[1] += len(loss)

@@ -1,11 +1,9 @@
-"""The loop of train.py: setup and resume, then one optimizer step at a time; between steps, at cadences counted in
-images, EMA snapshots, log rows, grids, evaluations and checkpoints, and a checkpoint when a signal or timer asks."""
+"""The loop of train.py: setup and resume, then optimizer steps with snapshots, logs, grids, evaluations and checkpoints between."""
 
 import os
 import signal
 import time
 
-import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from tools import dist
@@ -26,8 +24,7 @@ from tools.train_state import TrainState
 
 
 def claim_run_directory(outdir):
-    """Rank 0, before anything is written: the run directory's lock (one training per directory), the temp
-    files that killed writers left behind removed, and log.txt started."""
+    """Rank 0, before anything is written: lock the run directory, remove killed writers' temp files, start log.txt."""
     lock_for_training(outdir)
     removed = remove_stale_temp(outdir)
     to_run_log(outdir)
@@ -36,14 +33,12 @@ def claim_run_directory(outdir):
 
 
 class Run:
-    """What the loop works with: the config, this rank, the data, the state, the log and the evaluator."""
-
     def __init__(self, cfg, device):
         self.cfg, self.train, self.outdir = cfg, cfg["train"], cfg["train"]["outdir"]
         self.rank, self.world, self.device = dist.rank(), dist.world_size(), device
         use_deterministic(self.train["deterministic"])
-        dist.on_rank0(claim_run_directory, self.outdir)  # one writer per run directory, before anything is written
-        self.data = Batches(cfg, self.rank, self.world, device)  # the training set on the device; this rank's share of each batch
+        dist.on_rank0(claim_run_directory, self.outdir)
+        self.data = Batches(cfg, self.rank, self.world, device)
         self.state = TrainState(cfg, device)
         self.state.track_noise_scale(self.data.micro, self.data.per_rank)
         if self.state.resume(self.outdir, self.data.epoch_img):
@@ -65,7 +60,6 @@ class Run:
 
     @property
     def epoch(self):
-        """Epochs done, fractional between epochs."""
         return self.state.t_img / self.data.epoch_img
 
     def train_step(self):
@@ -106,8 +100,7 @@ class Run:
         return self.checkpoint(epoch, why=None)
 
     def checkpoint(self, epoch, why):
-        """A per-epoch checkpoint (why=None) or one between epochs (resume_<images>.pt, why = the signal or the timer),
-        written by rank 0 and noted in metrics.jsonl; every rank returns its path (and stops on rank 0's error)."""
+        """A per-epoch checkpoint (why=None) or one between epochs (why: signal or timer) by rank 0; every rank returns its path."""
         state = self.state
         state.check_weights(epoch)
 
@@ -151,13 +144,7 @@ def train(cfg, device):
         run.log.close()
     dist.print0(f"done: {state.t_img / 1000:.1f} kimg. Checkpoints: {os.path.join(run.outdir, 'checkpoints')}\n"
                 f"TensorBoard: tensorboard --logdir {os.path.join(run.outdir, 'tensorboard')}")
-    if run.rank == 0:
-        write_curve_summary(run.outdir)
-
-
-def write_curve_summary(outdir):
-    """OUTDIR/eval_summary.json and its lines on the terminal: the evaluation curves of the whole run at a glance."""
-    s = summarize_curves(read_jsonl(os.path.join(outdir, "metrics.jsonl")))
-    if s is not None:
-        write_json(os.path.join(outdir, "eval_summary.json"), s)
+    s = summarize_curves(read_jsonl(os.path.join(run.outdir, "metrics.jsonl"))) if run.rank == 0 else None
+    if s is not None:  # the evaluation curves of the whole run at a glance
+        write_json(os.path.join(run.outdir, "eval_summary.json"), s)
         print("\n".join(summary_lines(s)), flush=True)
