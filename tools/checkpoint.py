@@ -110,7 +110,7 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    """{} if missing or unreadable: its entries are computed again."""
+    """A write_json file, or {} if missing or unreadable (its entries are computed again)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -119,7 +119,7 @@ def read_json(path):
 
 
 def append_text(path, text):
-    """Fsynced; a failed append cuts the file back (no half line)."""
+    """Append `text`, fsynced; a failed append cuts the file back (no half line)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     size = None
@@ -134,7 +134,7 @@ def append_text(path, text):
 
 
 def read_jsonl(path):
-    """The rows ([] without a file), less a line cut short by a kill."""
+    """The rows of a JSON-lines file ([] without one), less a line cut short by a kill."""
     rows = []
     with contextlib.suppress(FileNotFoundError), open(path) as f:
         for line in f:
@@ -150,7 +150,7 @@ def remove(path):
 
 
 def pid_alive(pid):
-    """A pid this system cannot have counts as alive."""
+    """Whether process `pid` exists on this host; a pid this system cannot have counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -252,7 +252,7 @@ def load_newest(outdir, required=("net",), paths=None):
 
 
 def load_epoch(outdir, epoch=None, required=("net",)):
-    """`epoch` None: the newest valid one; UserError listing those that exist."""
+    """The checkpoint of `epoch` (None: the newest valid one); UserError listing those that exist."""
     folder = os.path.join(outdir, "checkpoints")
     if epoch is None:
         if (ckpt := load_newest(outdir, required)) is None:

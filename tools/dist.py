@@ -70,7 +70,7 @@ def all_reduce_sum(tensor):
 
 
 def max_over_ranks(values):
-    """Elementwise, through the CPU wait group: no device sync."""
+    """The elementwise maximum over the ranks, through the CPU wait group: no device sync."""
     flags = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_waits)
